@@ -1,0 +1,20 @@
+import os
+
+import pytest
+import torch
+
+# Tests never reach a hub; loaders must work from local files and the local cache alone.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# heads x head_dim = 2 x 64: the 64-wide heads that shape inference assumes, as in the official files
+TINY = dict(guidance_dim=24, image_dim=16, depth=2, heads=2, head_dim=64, ff_mult=4)
+
+
+@pytest.fixture
+def tiny_config() -> dict:
+    return dict(TINY)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,80 @@
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from img_guidance import load_aligner
+from img_guidance.cli import app
+from tests.helpers import official_state_dict
+
+runner = CliRunner()
+
+
+def test_convert_official_file_to_a_pretrained_folder(tmp_path, tiny_config):
+    sd = official_state_dict(tiny_config)
+    torch.save(sd, tmp_path / "aligner_flux.pth")
+    dest = tmp_path / "converted"
+    result = runner.invoke(app, ["convert", str(tmp_path / "aligner_flux.pth"), str(dest)])
+    assert result.exit_code == 0, result.output
+    assert "guidance_dim=24 image_dim=16 depth=2 heads=2 head_dim=64" in result.output
+    assert {"config.json", "model.safetensors"} <= {p.name for p in dest.iterdir()}
+    assert json.loads((dest / "config.json").read_text()) == tiny_config
+    loaded = load_aligner(dest)
+    for key, value in sd.items():
+        assert torch.equal(loaded.state_dict()[key.removeprefix("module.")], value)
+    # nothing but DEST is left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aligner_flux.pth", "converted"]
+
+
+def test_convert_casts_and_never_clobbers(tmp_path, tiny_config):
+    torch.save(official_state_dict(tiny_config), tmp_path / "a.pth")
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("precious")
+    result = runner.invoke(app, ["convert", str(tmp_path / "a.pth"), str(dest)])
+    assert result.exit_code == 1
+    assert "already holds files" in result.output
+    assert (dest / "keep.txt").read_text() == "precious"
+
+    result = runner.invoke(
+        app, ["convert", str(tmp_path / "a.pth"), str(dest), "--overwrite", "--dtype", "bfloat16"]
+    )
+    assert result.exit_code == 0, result.output
+    assert not (dest / "keep.txt").exists()
+    assert {p.dtype for p in load_aligner(dest).parameters()} == {torch.bfloat16}
+
+
+def test_convert_errors_exit_non_zero_and_write_nothing(tmp_path, tiny_config):
+    result = runner.invoke(app, ["convert", str(tmp_path / "missing.pth"), str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "missing.pth" in result.output
+    bad = official_state_dict(tiny_config, prefix="")
+    bad["proj_out.weight"] = torch.zeros(3, 3)
+    torch.save(bad, tmp_path / "bad.pth")
+    result = runner.invoke(app, ["convert", str(tmp_path / "bad.pth"), str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "'proj_out.weight' has shape (3, 3)" in result.output
+    result = runner.invoke(
+        app, ["convert", str(tmp_path / "bad.pth"), str(tmp_path / "out"), "--dtype", "int8"]
+    )
+    assert result.exit_code == 1 and "int8" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_trains_and_reports(tmp_path):
+    report = tmp_path / "report.json"
+    result = runner.invoke(app, ["demo", "--steps", "120", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "held-out 512 samples" in result.output
+    data = json.loads(report.read_text())
+    mse = data["held_out_mse_to_preferred"]
+    # even a short run must move held-out tokens clearly towards the preferred ones
+    assert mse["aligned, 1 pass"] < 0.6 * mse["input tokens (no alignment)"]
+    assert data["history"][-1]["step"] == 120
+
+
+def test_version_and_help():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("img-guidance ")
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "convert" in result.output and "demo" in result.output
