@@ -483,6 +483,7 @@ def load_aligner(
     The model is returned in eval mode. Works offline (``HF_HUB_OFFLINE=1``) for local paths and
     for hub files already in the cache.
     """
+    from img_guidance.hub import hub_file
     from img_guidance.presets import ALIGNER_PRESETS
 
     name = os.fspath(path_or_id)
@@ -499,18 +500,7 @@ def load_aligner(
             read_state_dict(path), torch_dtype=torch_dtype, device=device, source=name, **overrides
         )
     if path.suffix in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
-        parts = name.split("/")
-        if len(parts) < 3 or name.startswith((".", "/")):
-            raise FileNotFoundError(
-                f"aligner file not found: {name} (a hub file is written owner/repo/file{path.suffix})"
-            )
-        repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
-        try:
-            local = hf_hub_download(repo_id=repo_id, filename=filename, **hub)
-        except (OSError, EntryNotFoundError) as err:
-            raise FileNotFoundError(
-                f"could not get {filename!r} of hub repo {repo_id!r} (nor from the local hub cache): {err}"
-            ) from err
+        local = hub_file(name, **hub)
         return aligner_from_state_dict(
             read_state_dict(local), torch_dtype=torch_dtype, device=device, source=name, **overrides
         )

@@ -41,3 +41,85 @@ ALIGNER_PRESETS: dict[str, AlignerPreset] = {
         "guided by the finetuned LLaVA-1.5-13B",
     ),
 }
+
+
+@dataclass(frozen=True)
+class BackendPreset:
+    """A base model with its IP-Adapter, the way the paper runs it. Locations are hub ids, hub
+    paths (``owner/repo/sub/path``) or local paths; each can be overridden when loading."""
+
+    family: str
+    model: str
+    ip_adapter: str
+    image_encoder: str
+    aligner: str
+    steps: int
+    guidance_scale: float
+    height: int = 1024
+    width: int = 1024
+    unet: str | None = None
+    true_cfg_scale: float | None = None
+
+
+BACKEND_PRESETS: dict[str, BackendPreset] = {
+    "sdxl": BackendPreset(
+        family="sdxl",
+        model="stabilityai/stable-diffusion-xl-base-1.0",
+        ip_adapter="h94/IP-Adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors",
+        image_encoder="h94/IP-Adapter/models/image_encoder",
+        aligner="img-sdxl",
+        steps=50,
+        guidance_scale=7.5,
+    ),
+    "sdxl-dpo": BackendPreset(
+        family="sdxl",
+        model="stabilityai/stable-diffusion-xl-base-1.0",
+        unet="mhdang/dpo-sdxl-text2image-v1/unet",
+        ip_adapter="h94/IP-Adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors",
+        image_encoder="h94/IP-Adapter/models/image_encoder",
+        aligner="img-sdxl",
+        steps=50,
+        guidance_scale=7.5,
+    ),
+    "flux": BackendPreset(
+        family="flux",
+        model="black-forest-labs/FLUX.1-dev",
+        ip_adapter="XLabs-AI/flux-ip-adapter/ip_adapter.safetensors",
+        image_encoder="openai/clip-vit-large-patch14",
+        aligner="img-flux",
+        steps=30,
+        guidance_scale=3.5,
+        true_cfg_scale=3.5,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class GuidancePreset:
+    """A multimodal LLM used as the guidance model, with the prompt format it is read with."""
+
+    family: str  # "llava", "qwen2_vl", "qwen2_5_vl"
+    model: str
+    prompt_format: str
+    hidden_size: int
+    description: str = ""
+
+
+GUIDANCE_PRESETS: dict[str, GuidancePreset] = {
+    "llava-1.5-13b": GuidancePreset(
+        family="llava",
+        model="llava-hf/llava-1.5-13b-hf",
+        prompt_format="llava_v0",
+        hidden_size=5120,
+        description="LLaVA-1.5-13B as released (the paper's 'original MLLM' ablation)",
+    ),
+    "llava-1.5-7b": GuidancePreset(
+        family="llava", model="llava-hf/llava-1.5-7b-hf", prompt_format="llava_v0", hidden_size=4096
+    ),
+    "qwen2.5-vl-7b": GuidancePreset(
+        family="qwen2_5_vl", model="Qwen/Qwen2.5-VL-7B-Instruct", prompt_format="chat", hidden_size=3584
+    ),
+    "qwen2-vl-7b": GuidancePreset(
+        family="qwen2_vl", model="Qwen/Qwen2-VL-7B-Instruct", prompt_format="chat", hidden_size=3584
+    ),
+}
