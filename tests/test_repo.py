@@ -53,8 +53,10 @@ def test_import_is_cheap():
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
-    """Every ```python block of the README runs as written (in a scratch folder)."""
+    """Every ```python block of the README runs as written (in a scratch folder), except those that
+    say in their first line that they download the real models."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    blocks = [b for b in blocks if not b.startswith("# Downloads")]
     assert blocks
     monkeypatch.chdir(tmp_path)
     for block in blocks:

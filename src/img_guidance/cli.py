@@ -28,7 +28,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def fail(message: str) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
 
 
@@ -138,6 +140,195 @@ def convert(
         f"{n_params:,} parameters, {next(aligner.parameters()).dtype}",
         highlight=False,
     )
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise fail(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+@app.command()
+def generate(
+    prompt_args: Annotated[
+        list[str] | None, typer.Argument(help="Prompts (or use --prompt / --prompts).")
+    ] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt; repeatable.")] = None,
+    prompts_file: Annotated[
+        Path | None, typer.Option("--prompts", help=".txt (one per line), .jsonl or .json prompt file.")
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="sdxl, sdxl-dpo, flux, or a diffusers pipeline folder.")
+    ] = "sdxl",
+    unet: Annotated[
+        str | None, typer.Option(help="Swap in another UNet (SDXL) or transformer (FLUX).")
+    ] = None,
+    ip_adapter: Annotated[
+        str | None, typer.Option(help="IP-Adapter weights file (path or hub path).")
+    ] = None,
+    image_encoder: Annotated[
+        str | None, typer.Option(help="IP-Adapter image encoder folder or hub id.")
+    ] = None,
+    mllm: Annotated[str | None, typer.Option(help="Guidance MLLM: preset, folder or hub id.")] = None,
+    prompt_format: Annotated[
+        str | None, typer.Option(help="llava_v0, llava_v1 or chat (default: the model's).")
+    ] = None,
+    questions: Annotated[
+        Path | None, typer.Option(help="JSON list of question templates with {prompt}.")
+    ] = None,
+    aligner: Annotated[str | None, typer.Option(help="Aligner file, folder, hub id or preset.")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs"),
+    seed: Annotated[int, typer.Option(help="Seed of every prompt that does not carry its own.")] = 0,
+    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps (default: the model's).")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="CFG / guidance scale.")] = None,
+    height: Annotated[int | None, typer.Option(min=8)] = None,
+    width: Annotated[int | None, typer.Option(min=8)] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Calibration rounds.")] = 1,
+    passes: Annotated[int, typer.Option(min=0, help="Recurrent aligner passes.")] = 3,
+    ip_scale: Annotated[float, typer.Option(min=0.0, help="IP-Adapter scale of the re-generation.")] = 0.2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch.")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
+    ] = "auto",
+    offload: Annotated[str, typer.Option(help="none, model or sequential.")] = "none",
+    mllm_quantization: Annotated[
+        str | None, typer.Option(help="Load the MLLM in 8bit or 4bit (needs bitsandbytes).")
+    ] = None,
+) -> None:
+    """Generate images with IMG: each prompt's initial image, calibrated image and a comparison.
+
+    Writes OUT/initial/, OUT/calibrated/, OUT/compare/ and OUT/metadata.jsonl; a rerun into the same
+    folder skips the prompts that are already finished.
+    """
+    from img_guidance.data.prompts import PromptItem, read_prompts
+    from img_guidance.outputs import OutputFolder, entry_name
+
+    # Everything about the input is checked before any model loads.
+    if offload not in ("none", "model", "sequential"):
+        raise fail(f"--offload must be none, model or sequential, got {offload!r}")
+    items = [PromptItem(p) for p in [*(prompt_args or []), *(prompt or [])]]
+    if prompts_file is not None:
+        try:
+            items += read_prompts(prompts_file)
+        except (FileNotFoundError, ValueError) as err:
+            raise fail(str(err)) from err
+    if not items:
+        raise fail("no prompts: give them as arguments, with --prompt or with --prompts FILE")
+    empty = [i for i, item in enumerate(items) if not item.prompt.strip()]
+    if empty:
+        raise fail(f"prompt {empty[0]} is empty")
+    if questions is not None and not questions.is_file():
+        raise fail(f"questions file not found: {questions}")
+    try:
+        folder = OutputFolder(out)
+    except NotADirectoryError as err:
+        raise fail(str(err)) from err
+    entries: dict[str, tuple[str, int, int]] = {}
+    for i, item in enumerate(items):
+        item_seed = item.seed if item.seed is not None else seed
+        # the same prompt with the same seed is the same work: it is done once
+        entries.setdefault(entry_name(item.prompt, item_seed), (item.prompt, item_seed, i))
+    done = folder.finished()
+    todo = [(name, *entry) for name, entry in entries.items() if name not in done]
+    if not todo:
+        console.print(f"all {len(entries)} prompts are already in {out}")
+        return
+    if done:
+        console.print(
+            f"{len(entries) - len(todo)} of {len(entries)} prompts already in {out}; doing the rest"
+        )
+
+    from img_guidance.pipeline import IMGPipeline
+
+    run_device = resolve_device(device)
+    try:
+        pipe = IMGPipeline.from_pretrained(
+            model,
+            mllm=mllm,
+            aligner=aligner,
+            unet=unet,
+            ip_adapter=ip_adapter,
+            image_encoder=image_encoder,
+            prompt_format=prompt_format,
+            questions=questions,
+            torch_dtype=resolve_dtype(dtype, run_device),
+            device=run_device,
+            offload=offload,
+            mllm_quantization=mllm_quantization,
+        )
+    except (FileNotFoundError, ValueError, TypeError, OSError, ImportError) as err:
+        raise fail(str(err)) from err
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("IMG", total=len(todo))
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            result = pipe(
+                [prompt for _, prompt, _, _ in batch],
+                [item_seed for _, _, item_seed, _ in batch],
+                rounds=rounds,
+                passes=passes,
+                ip_scale=ip_scale,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
+            )
+            for j, (name, _, _, index) in enumerate(batch):
+                folder.write(
+                    name,
+                    result.initial[j],
+                    [r.calibrated[j] for r in result.rounds],
+                    {"index": index, **result.metadata[j]},
+                )
+            progress.advance(task, len(batch))
+    console.print(f"wrote {len(todo)} prompts to {out} (metadata: {out / 'metadata.jsonl'})")
+
+
+@app.command("convert-llava")
+def convert_llava_command(
+    src: Annotated[str, typer.Argument(help="Original-layout LLaVA: folder, owner/repo[/sub] or preset.")],
+    dest: Annotated[Path, typer.Argument(help="Folder to write (a transformers Llava model).")],
+    vision_tower: Annotated[
+        str | None, typer.Option(help="CLIP vision folder or hub id, when SRC holds no tower weights.")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help=f"Store weights as one of {', '.join(DTYPES)}.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace DEST if it already holds files.")] = False,
+) -> None:
+    """Convert a checkpoint in the original LLaVA repository layout (such as the IMG authors'
+    finetuned detector, preset img-llava-13b) into a transformers folder for --mllm.
+
+    The guidance loader also does this by itself on first use, into a cache folder.
+    """
+    from img_guidance.guidance import convert_llava
+
+    if dtype is not None and dtype not in DTYPES:
+        raise fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    try:
+        written = convert_llava(src, dest, vision_tower=vision_tower, torch_dtype=dtype, overwrite=overwrite)
+    except KeyError as err:
+        raise fail(str(err.args[0])) from err
+    except FileExistsError as err:
+        raise fail(f"{dest} already holds files; pass --overwrite to replace them") from err
+    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError, OSError) as err:
+        raise fail(str(err)) from err
+    console.print(f"wrote {written}: load it with --mllm {written}", highlight=False)
 
 
 if __name__ == "__main__":

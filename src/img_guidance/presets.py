@@ -106,6 +106,14 @@ class GuidancePreset:
 
 
 GUIDANCE_PRESETS: dict[str, GuidancePreset] = {
+    "img-llava-13b": GuidancePreset(
+        family="llava",
+        model="shi-labs/IMG/llava",
+        prompt_format="llava_v0",
+        hidden_size=5120,
+        description="the IMG authors' misalignment detector (LLaVA-1.5-13B finetuned on InstructPix2Pix), "
+        "in the original LLaVA layout: convert it once with `img-guidance convert-llava img-llava-13b DEST`",
+    ),
     "llava-1.5-13b": GuidancePreset(
         family="llava",
         model="llava-hf/llava-1.5-13b-hf",

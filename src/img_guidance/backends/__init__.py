@@ -1,0 +1,99 @@
+"""Diffusion backends: one module per model family, all behind :class:`DiffusionBackend`."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING
+
+from img_guidance.backends.base import DiffusionBackend, GenerationDefaults, OffloadMode
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DiffusionBackend", "GenerationDefaults", "OffloadMode", "family_of", "load_backend"]
+
+# diffusers pipeline classes (model_index.json "_class_name") -> our family
+PIPELINE_FAMILIES = {
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "FluxPipeline": "flux",
+}
+
+
+def family_of(model: str | os.PathLike) -> str:
+    """The family of a preset name or of a diffusers pipeline folder / hub repo (read from its
+    ``model_index.json``)."""
+    from img_guidance.hub import hub_file, is_local
+    from img_guidance.presets import BACKEND_PRESETS
+
+    name = os.fspath(model)
+    if name in BACKEND_PRESETS and not is_local(name):
+        return BACKEND_PRESETS[name].family
+    index = os.path.join(name, "model_index.json") if is_local(name) else hub_file(f"{name}/model_index.json")
+    if not os.path.isfile(index):
+        raise FileNotFoundError(
+            f"{name} is not a preset ({', '.join(BACKEND_PRESETS)}) nor a diffusers pipeline folder "
+            "(no model_index.json)"
+        )
+    with open(index, encoding="utf-8") as f:
+        class_name = json.load(f).get("_class_name")
+    if class_name not in PIPELINE_FAMILIES:
+        raise ValueError(
+            f"{name} holds a {class_name} pipeline; supported: {', '.join(sorted(PIPELINE_FAMILIES))}"
+        )
+    return PIPELINE_FAMILIES[class_name]
+
+
+def load_backend(
+    model: str | os.PathLike = "sdxl",
+    *,
+    unet: str | None = None,
+    ip_adapter: str | None = None,
+    image_encoder: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    offload: OffloadMode = "none",
+) -> DiffusionBackend:
+    """A backend from a preset name (``sdxl``, ``sdxl-dpo``, ``flux``) or a pipeline folder / hub id,
+    with any component overridden. ``unet`` swaps the SDXL UNet (for FLUX it swaps the transformer).
+    With ``offload`` other than "none" the weights stay on the CPU and move to ``device`` as they run
+    (see :meth:`DiffusionBackend.set_offload`)."""
+    if offload not in ("none", "model", "sequential"):
+        raise ValueError(f"offload must be 'none', 'model' or 'sequential', got {offload!r}")
+    from img_guidance.hub import is_local
+    from img_guidance.presets import BACKEND_PRESETS
+
+    name = os.fspath(model)
+    family = family_of(name)
+    overrides = {
+        k: v
+        for k, v in dict(
+            ip_adapter=ip_adapter, image_encoder=image_encoder, torch_dtype=torch_dtype, device=device
+        ).items()
+        if v is not None
+    }
+    if family == "sdxl":
+        from img_guidance.backends.sdxl import SDXLBackend as backend_class
+
+        if unet is not None:
+            overrides["unet"] = unet
+        if offload != "none":  # load on the CPU, then hand the weights to the offload hooks
+            overrides["device"] = "cpu"
+    elif family == "flux":
+        from img_guidance.backends.flux import FluxBackend as backend_class
+
+        if unet is not None:
+            overrides["transformer"] = unet
+        overrides["offload"] = offload  # FLUX applies it before any weight reaches the device
+    else:  # pragma: no cover - family_of only returns known families
+        raise ValueError(f"unknown backend family {family!r}")
+    if name in BACKEND_PRESETS and not is_local(name):
+        backend = backend_class.from_preset(name, **overrides)
+    else:
+        backend = backend_class.from_pretrained(name, **overrides)
+    if family == "sdxl" and offload != "none":
+        import torch
+
+        backend.set_offload(offload, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return backend

@@ -1,0 +1,1 @@
+"""Data the toolkit reads: prompt sets, preference pairs, instruction triplets."""

@@ -1,0 +1,183 @@
+"""Guidance models: multimodal LLMs read as IMG reads them (one forward pass, last hidden layer).
+
+:func:`load_guidance` builds one from a preset name (:data:`~img_guidance.presets.GUIDANCE_PRESETS`),
+a local folder or a hub id; the family (LLaVA, Qwen2-VL, Qwen2.5-VL) comes from the folder's
+``config.json``. Checkpoints in the original LLaVA repository layout (the IMG authors' finetuned
+detector among them) are converted once, on first use, into a cache folder
+(``$IMG_GUIDANCE_CACHE/converted``, default ``~/.cache/img-guidance/converted``), or explicitly with
+``img-guidance convert-llava SRC DEST`` (:func:`~img_guidance.guidance.convert_llava.convert_llava`).
+
+Names are imported lazily, so importing this package does not import torch or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+# Imported eagerly (it is light: no torch or transformers at import) because the function shares
+# its submodule's name: importing the submodule would otherwise bind the module to this name.
+from img_guidance.guidance.convert_llava import convert_llava
+
+if TYPE_CHECKING:
+    import torch
+
+    from img_guidance.guidance.base import GuidanceModel, GuidanceOutput
+    from img_guidance.guidance.llava import LlavaGuidance
+    from img_guidance.guidance.prompts import PROMPT_FORMATS, build_prompt
+    from img_guidance.guidance.questions import QUESTIONS, choose_question, fill, load_questions
+    from img_guidance.guidance.qwen import QwenGuidance
+
+# The guidance model a pipeline uses when none is named: the paper's finetuned detector, which the
+# released aligners were trained with (converted from the original LLaVA layout on first use).
+DEFAULT_MLLM = "img-llava-13b"
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+
+_EXPORTS = {
+    "GuidanceModel": "img_guidance.guidance.base",
+    "GuidanceOutput": "img_guidance.guidance.base",
+    "LlavaGuidance": "img_guidance.guidance.llava",
+    "QwenGuidance": "img_guidance.guidance.qwen",
+    "PROMPT_FORMATS": "img_guidance.guidance.prompts",
+    "build_prompt": "img_guidance.guidance.prompts",
+    "QUESTIONS": "img_guidance.guidance.questions",
+    "choose_question": "img_guidance.guidance.questions",
+    "fill": "img_guidance.guidance.questions",
+    "load_questions": "img_guidance.guidance.questions",
+}
+
+__all__ = [
+    "DEFAULT_MLLM",
+    "FAMILIES",
+    "PROMPT_FORMATS",
+    "QUESTIONS",
+    "GuidanceModel",
+    "GuidanceOutput",
+    "LlavaGuidance",
+    "QwenGuidance",
+    "build_prompt",
+    "choose_question",
+    "conversion_cache",
+    "convert_llava",
+    "fill",
+    "load_guidance",
+    "load_questions",
+    "read_config",
+]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'img_guidance.guidance' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+def read_config(location: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a model folder given as a local folder, ``owner/repo`` or
+    ``owner/repo/sub/folder`` (hub files come from the cache when offline)."""
+    from img_guidance.hub import hub_file, is_local, split_hub_path
+
+    if is_local(location):
+        path = os.path.join(os.fspath(location), "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{location} has no config.json; is it a model folder?")
+    else:
+        repo_id, subfolder = split_hub_path(location)  # a clear error for a path that does not exist
+        path = hub_file(f"{repo_id}/{subfolder}/config.json" if subfolder else f"{repo_id}/config.json")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def conversion_cache() -> Path:
+    """Where checkpoints in the original LLaVA layout are converted to on first use."""
+    root = os.environ.get("IMG_GUIDANCE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "img-guidance"
+    )
+    return Path(root) / "converted"
+
+
+def _converted(location: str, torch_dtype: Any) -> str:
+    """The transformers-layout copy of an original-layout checkpoint, converting it the first time."""
+    import hashlib
+    import logging
+
+    source = os.path.abspath(location) if os.path.exists(location) else location
+    key = hashlib.sha256(source.encode()).hexdigest()[:12]
+    dest = conversion_cache() / f"{Path(source).name or 'llava'}-{key}"
+    if not (dest / "config.json").is_file():
+        logging.getLogger(__name__).warning(
+            "%s is in the original LLaVA layout; converting it once into %s", location, dest
+        )
+        dtype = (
+            torch_dtype
+            if isinstance(torch_dtype, str) or torch_dtype is None
+            else str(torch_dtype).split(".")[-1]
+        )
+        convert_llava(location, dest, torch_dtype=dtype, overwrite=True)
+    return os.fspath(dest)
+
+
+def _family(config: dict[str, Any], location: str) -> str:
+    from img_guidance.guidance.convert_llava import is_original_llava
+
+    if is_original_llava(config):
+        raise ValueError(
+            f"{location} is a checkpoint in the original LLaVA repository layout (LlavaLlamaForCausalLM), "
+            f"which transformers cannot load; convert it once with `img-guidance convert-llava "
+            f"{location} DEST` and load DEST"
+        )
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"{location} holds a model of type {model_type!r}; guidance models can be: {', '.join(FAMILIES)}"
+        )
+    return model_type
+
+
+def load_guidance(
+    spec: str | os.PathLike,
+    *,
+    prompt_format: str | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    quantization: str | None = None,
+    convert_original: bool = True,
+) -> GuidanceModel:
+    """A guidance model from a preset name, a local folder or a hub id (``owner/repo[/sub]``).
+
+    prompt_format: None uses the preset's format, else ``llava_v0`` for LLaVA and ``chat`` for Qwen.
+    torch_dtype, device, quantization (``"8bit"``/``"4bit"``): passed to the family's loader.
+    convert_original: convert a checkpoint in the original LLaVA layout into the conversion cache
+        (:func:`conversion_cache`) the first time it is used; when False, such a checkpoint is an error.
+    """
+    from img_guidance.presets import GUIDANCE_PRESETS
+
+    name = os.fspath(spec)
+    if name in GUIDANCE_PRESETS and not os.path.exists(name):
+        preset = GUIDANCE_PRESETS[name]
+        location = preset.model
+        prompt_format = prompt_format or preset.prompt_format
+    else:
+        location = name
+    from img_guidance.guidance.convert_llava import is_original_llava
+
+    config = read_config(location)
+    if convert_original and is_original_llava(config):
+        location = _converted(location, torch_dtype)
+        config = read_config(location)
+    family = _family(config, location)
+    kwargs = dict(torch_dtype=torch_dtype, device=device, quantization=quantization)
+    if family == "llava":
+        from img_guidance.guidance.llava import LlavaGuidance
+
+        return LlavaGuidance.from_pretrained(location, prompt_format=prompt_format or "llava_v0", **kwargs)
+    from img_guidance.guidance.qwen import QwenGuidance
+
+    return QwenGuidance.from_pretrained(location, prompt_format=prompt_format or "chat", **kwargs)
