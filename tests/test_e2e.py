@@ -196,3 +196,20 @@ def test_cli_bad_models_fail_cleanly(tiny, tmp_path):
     assert result.exit_code == 1 and "'gpu'" in result.output
     result = runner.invoke(app, _cli_args(tiny, out))
     assert result.exit_code == 1 and "no prompts" in result.output
+
+
+def test_serve_calibrates_one_prompt(sdxl_pipe):
+    from img_guidance.serve import calibrate
+
+    initial, calibrated, note = calibrate(sdxl_pipe, "a red circle", 3, **SAMPLING)
+    assert initial.size == calibrated.size and list(initial.getdata()) != list(calibrated.getdata())
+    assert "a red circle" in note and "regenerate" in note
+    with pytest.raises(ValueError, match="enter a prompt"):
+        calibrate(sdxl_pipe, "   ", 0)
+
+
+def test_serve_page_builds(sdxl_pipe):
+    from img_guidance.serve import build_app
+
+    gradio = pytest.importorskip("gradio")  # the optional [serve] extra: built where it is installed
+    assert isinstance(build_app(sdxl_pipe), gradio.Blocks)

@@ -70,6 +70,15 @@ def test_output_folder_writes_files_then_metadata_and_knows_what_is_finished(tmp
     records = [json.loads(x) for x in (tmp_path / "out" / METADATA).read_text().splitlines()]
     assert records[0]["seed"] == 5 and records[0]["name"] == name
 
+    # an image that no longer decodes is reported, and its prompt is not finished
+    compare_path = tmp_path / "out" / line["files"]["compare"]
+    good = compare_path.read_bytes()
+    compare_path.write_bytes(good[:40])
+    assert folder.finished() == set()
+    assert folder.undecodable == [str(compare_path)]
+    compare_path.write_bytes(good)
+    assert folder.finished() == {name} and folder.undecodable == []
+
     # a deleted image, or a line cut short by a kill, means the prompt is not finished
     (tmp_path / "out" / line["files"]["calibrated"]).unlink()
     with open(tmp_path / "out" / METADATA, "a") as f:

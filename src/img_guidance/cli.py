@@ -242,6 +242,8 @@ def generate(
         # the same prompt with the same seed is the same work: it is done once
         entries.setdefault(entry_name(item.prompt, item_seed), (item.prompt, item_seed, i))
     done = folder.finished()
+    for path in folder.undecodable:
+        errors.print(f"warning: {path} does not decode; its prompt will be generated again", highlight=False)
     todo = [(name, *entry) for name, entry in entries.items() if name not in done]
     if not todo:
         console.print(f"all {len(entries)} prompts are already in {out}")
@@ -299,6 +301,140 @@ def generate(
                 )
             progress.advance(task, len(batch))
     console.print(f"wrote {len(todo)} prompts to {out} (metadata: {out / 'metadata.jsonl'})")
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        str, typer.Option(help="sdxl, sdxl-dpo, flux, or a diffusers pipeline folder.")
+    ] = "sdxl",
+    unet: Annotated[
+        str | None, typer.Option(help="Swap in another UNet (SDXL) or transformer (FLUX).")
+    ] = None,
+    ip_adapter: Annotated[str | None, typer.Option(help="IP-Adapter weights file.")] = None,
+    image_encoder: Annotated[str | None, typer.Option(help="IP-Adapter image encoder.")] = None,
+    mllm: Annotated[str | None, typer.Option(help="Guidance MLLM: preset, folder or hub id.")] = None,
+    prompt_format: Annotated[str | None, typer.Option(help="llava_v0, llava_v1 or chat.")] = None,
+    aligner: Annotated[str | None, typer.Option(help="Aligner file, folder, hub id or preset.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
+    offload: Annotated[str, typer.Option(help="none, model or sequential.")] = "none",
+    mllm_quantization: Annotated[str | None, typer.Option(help="8bit or 4bit.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps the page local.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 7860,
+) -> None:
+    """Serve a web page: a prompt in, the initial and calibrated images side by side (needs gradio)."""
+    if offload not in ("none", "model", "sequential"):
+        raise fail(f"--offload must be none, model or sequential, got {offload!r}")
+    try:
+        import gradio  # noqa: F401
+    except ImportError as err:
+        raise fail('the web page needs gradio: pip install "img-guidance[serve]"') from err
+    from img_guidance.pipeline import IMGPipeline
+    from img_guidance.serve import build_app
+
+    run_device = resolve_device(device)
+    try:
+        pipe = IMGPipeline.from_pretrained(
+            model,
+            mllm=mllm,
+            aligner=aligner,
+            unet=unet,
+            ip_adapter=ip_adapter,
+            image_encoder=image_encoder,
+            prompt_format=prompt_format,
+            torch_dtype=resolve_dtype(dtype, run_device),
+            device=run_device,
+            offload=offload,
+            mllm_quantization=mllm_quantization,
+        )
+    except (FileNotFoundError, ValueError, TypeError, OSError, ImportError) as err:
+        raise fail(str(err)) from err
+    build_app(pipe).launch(server_name=host, server_port=port)
+
+
+@app.command()
+def features(
+    pairs: Annotated[
+        str, typer.Option(help="Parquet file or folder (Pick-a-Pic schema), .jsonl, or hub dataset id.")
+    ],
+    out: Annotated[Path, typer.Option(help="Cache folder to write (resumable).")],
+    model: Annotated[
+        str, typer.Option(help="sdxl, sdxl-dpo, flux, or a diffusers pipeline folder.")
+    ] = "sdxl",
+    unet: Annotated[
+        str | None, typer.Option(help="Accepted for symmetry; image tokens do not depend on it.")
+    ] = None,
+    ip_adapter: Annotated[str | None, typer.Option(help="IP-Adapter weights file.")] = None,
+    image_encoder: Annotated[str | None, typer.Option(help="IP-Adapter image encoder.")] = None,
+    mllm: Annotated[str | None, typer.Option(help="Guidance MLLM: preset, folder or hub id.")] = None,
+    prompt_format: Annotated[str | None, typer.Option(help="llava_v0, llava_v1 or chat.")] = None,
+    questions: Annotated[Path | None, typer.Option(help="JSON list of question templates.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Model dtype: auto, float32, bfloat16, float16.")] = "auto",
+    storage_dtype: Annotated[
+        str, typer.Option(help="Cache dtype: bfloat16, float16 or float32.")
+    ] = "bfloat16",
+    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N rows.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the question choice.")] = 0,
+    rows_per_shard: Annotated[int, typer.Option(min=1)] = 256,
+) -> None:
+    """Compute the training features of preference pairs into a sharded cache.
+
+    For each pair: the MLLM's guidance on the unpreferred image (question drawn from the pair's index
+    and the seed) and the IP tokens of both images. Reruns skip finished shards; runs under
+    `accelerate launch` with one set of shards per process.
+    """
+    from img_guidance.features.extract import run_features
+
+    run_device = resolve_device(device)
+    try:
+        manifest = run_features(
+            pairs,
+            out,
+            model=model,
+            unet=unet,
+            ip_adapter=ip_adapter,
+            image_encoder=image_encoder,
+            mllm=mllm,
+            prompt_format=prompt_format,
+            questions=str(questions) if questions else None,
+            device=run_device,
+            dtype=resolve_dtype(dtype, run_device),
+            limit=limit,
+            batch_size=batch_size,
+            seed=seed,
+            rows_per_shard=rows_per_shard,
+            storage_dtype=storage_dtype,
+        )
+    except (FileNotFoundError, NotADirectoryError, ValueError, TypeError, OSError, ImportError) as err:
+        raise fail(str(err)) from err
+    stats = manifest.get("stats", {})
+    console.print(
+        f"{out}: {manifest.get('samples')} samples from {manifest.get('rows')} rows "
+        f"(ties {stats.get('ties', 0)}, unlabeled {stats.get('unlabeled', 0)}, "
+        f"undecodable {len(stats.get('undecodable', []))})",
+        highlight=False,
+    )
+    for row_id in stats.get("undecodable", [])[:20]:
+        errors.print(f"undecodable image skipped: {row_id}", highlight=False)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def train(ctx: typer.Context, config: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
+    """Train an Implicit Aligner: CONFIG [key=value ...] [--resume [PATH]].
+
+    Any config value can be overridden (lr=3e-4 terms=[dpo]). Several GPUs:
+    accelerate launch -m img_guidance.recipes.train_aligner CONFIG ...
+    """
+    from img_guidance.recipes.train_aligner import main as train_main
+
+    code = train_main([str(config), *ctx.args])
+    if code:
+        raise typer.Exit(code=code)
 
 
 @app.command("convert-llava")

@@ -61,20 +61,38 @@ class OutputFolder:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise NotADirectoryError(f"output path {self.root} exists and is not a folder")
+        self.undecodable: list[str] = []  # image files found by the last finished() that do not decode
+
+    def _decodes(self, path: Path) -> bool:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                im.verify()
+            return True
+        except (OSError, UnidentifiedImageError, SyntaxError):
+            return False
 
     def finished(self) -> set[str]:
-        """Names of the prompts whose line and images are all present."""
+        """Names of the prompts whose line and images are all present and decode. Image files that
+        exist but do not decode are listed in ``undecodable``; their prompts count as unfinished."""
         path = self.root / METADATA
         if not path.is_file():
             return set()
         done = set()
+        self.undecodable = []
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill: that prompt is redone
-            files = record.get("files", {})
-            if files and all((self.root / f).is_file() for f in files.values()):
+            files = [self.root / f for f in record.get("files", {}).values()]
+            if not files or not all(f.is_file() for f in files):
+                continue
+            broken = [f for f in files if not self._decodes(f)]
+            if broken:
+                self.undecodable += [str(f) for f in broken]
+            else:
                 done.add(record["name"])
         return done
 

@@ -11,7 +11,18 @@ from img_guidance.backends.base import DiffusionBackend, GenerationDefaults, Off
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DiffusionBackend", "GenerationDefaults", "OffloadMode", "family_of", "load_backend"]
+    from img_guidance.backends.flux import FluxImageEncoder
+    from img_guidance.backends.sdxl import SDXLImageEncoder
+
+__all__ = [
+    "DiffusionBackend",
+    "GenerationDefaults",
+    "OffloadMode",
+    "family_of",
+    "image_encoder_locations",
+    "load_backend",
+    "load_image_encoder",
+]
 
 # diffusers pipeline classes (model_index.json "_class_name") -> our family
 PIPELINE_FAMILIES = {
@@ -97,3 +108,55 @@ def load_backend(
 
         backend.set_offload(offload, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return backend
+
+
+def image_encoder_locations(
+    model: str | os.PathLike = "sdxl",
+    *,
+    ip_adapter: str | os.PathLike | None = None,
+    image_encoder: str | os.PathLike | None = None,
+) -> dict[str, str]:
+    """``{"family", "ip_adapter", "image_encoder"}``: what makes the image tokens of ``model`` (a
+    preset or a pipeline folder / hub id), with the preset's or the family's defaults filled in.
+    Reads at most the pipeline's ``model_index.json``; loads no weights."""
+    from img_guidance.hub import is_local
+    from img_guidance.presets import BACKEND_PRESETS
+
+    name = os.fspath(model)
+    family = family_of(name)
+    if name in BACKEND_PRESETS and not is_local(name):
+        preset = BACKEND_PRESETS[name]
+        defaults = {"ip_adapter": preset.ip_adapter, "image_encoder": preset.image_encoder}
+    elif family == "sdxl":
+        from img_guidance.backends import sdxl
+
+        defaults = {"ip_adapter": sdxl.DEFAULT_IP_ADAPTER, "image_encoder": sdxl.DEFAULT_IMAGE_ENCODER}
+    else:
+        from img_guidance.backends import flux
+
+        defaults = {"ip_adapter": flux.DEFAULT_IP_ADAPTER, "image_encoder": flux.DEFAULT_IMAGE_ENCODER}
+    given = {"ip_adapter": ip_adapter, "image_encoder": image_encoder}
+    return {"family": family} | {k: os.fspath(v) if v is not None else defaults[k] for k, v in given.items()}
+
+
+def load_image_encoder(
+    model: str | os.PathLike = "sdxl",
+    *,
+    ip_adapter: str | os.PathLike | None = None,
+    image_encoder: str | os.PathLike | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> SDXLImageEncoder | FluxImageEncoder:
+    """The image-token half of :func:`load_backend`: only the CLIP vision model and the IP-Adapter's
+    image projection of ``model`` (a preset or a pipeline folder / hub id), not the denoiser, text
+    encoders or VAE. Returns an :class:`~img_guidance.backends.sdxl.SDXLImageEncoder` or
+    :class:`~img_guidance.backends.flux.FluxImageEncoder`, whose ``encode_image`` gives the tokens
+    ``load_backend`` with the same arguments would give (``token_shape``, ``device``, ``describe``
+    as a backend's). A UNet or transformer swap does not change image tokens, so none is taken."""
+    locations = image_encoder_locations(model, ip_adapter=ip_adapter, image_encoder=image_encoder)
+    family = locations.pop("family")
+    if family == "sdxl":
+        from img_guidance.backends.sdxl import SDXLImageEncoder as encoder_class
+    else:
+        from img_guidance.backends.flux import FluxImageEncoder as encoder_class
+    return encoder_class.from_pretrained(**locations, torch_dtype=torch_dtype, device=device)

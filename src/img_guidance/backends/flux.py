@@ -435,3 +435,112 @@ def _check_xlabs_file(path: os.PathLike) -> int:
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# FluxBackend.from_pretrained's defaults, for the encoder-only path
+DEFAULT_IP_ADAPTER = "XLabs-AI/flux-ip-adapter/ip_adapter.safetensors"
+DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
+
+
+class FluxImageEncoder:
+    """Only what :meth:`FluxBackend.encode_image` needs: the CLIP vision model and the XLabs adapter's
+    image projection, without the transformer, T5, CLIP text encoder and VAE (about 34 GB that the
+    feature stage never uses). Its tokens equal those of a :class:`FluxBackend` loaded with the same
+    ``ip_adapter``, ``image_encoder``, dtype and device.
+
+    Build it with :meth:`from_pretrained` (or :func:`img_guidance.backends.load_image_encoder`).
+    """
+
+    family = "flux"
+
+    def __init__(
+        self,
+        *,
+        image_encoder: nn.Module,
+        feature_extractor: Any,
+        image_projection: nn.Module,
+        sources: dict[str, str] | None = None,
+    ) -> None:
+        self.image_encoder = image_encoder.eval().requires_grad_(False)
+        self.feature_extractor = feature_extractor
+        self.image_projection = image_projection.eval().requires_grad_(False)
+        self.sources = dict(sources or {})
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        *,
+        ip_adapter: str | os.PathLike = DEFAULT_IP_ADAPTER,
+        image_encoder: str | os.PathLike = DEFAULT_IMAGE_ENCODER,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> FluxImageEncoder:
+        """Load the CLIP vision model (a CLIPVisionModelWithProjection folder, repo or
+        ``owner/repo/sub``) and the image projection of an XLabs-format ``.safetensors`` adapter.
+        Defaults as :meth:`FluxBackend.from_pretrained`: CUDA if available, bfloat16 on CUDA and
+        float32 elsewhere."""
+        from diffusers.loaders.transformer_flux import FluxTransformer2DLoadersMixin
+        from safetensors import safe_open
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        device = torch.device(device) if device is not None else _default_device()
+        if torch_dtype is None:
+            torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        adapter_file = hub_file(ip_adapter)
+        _check_xlabs_file(adapter_file)
+        encoder_path, encoder_subfolder = pretrained_location(image_encoder)
+        # the projection keys as diffusers' FluxIPAdapterMixin.load_ip_adapter reads them
+        # (ip_adapter_proj_model.proj.weight -> proj.weight)
+        with safe_open(os.fspath(adapter_file), framework="pt", device="cpu") as f:
+            state = {
+                key.split(".", 1)[1]: f.get_tensor(key)
+                for key in f.keys()  # noqa: SIM118 (a safetensors handle, not a dict)
+                if key.startswith(("ip_adapter_proj_model.", "image_proj."))
+            }
+        # diffusers' conversion reads nothing from the transformer unless loading onto the meta device
+        projection = FluxTransformer2DLoadersMixin._convert_ip_adapter_image_proj_to_diffusers(
+            None, state, low_cpu_mem_usage=False
+        )
+        encoder = CLIPVisionModelWithProjection.from_pretrained(
+            encoder_path, subfolder=encoder_subfolder or "", dtype=torch_dtype
+        )
+        size = encoder.config.image_size
+        encoder_only = cls(
+            image_encoder=encoder,
+            feature_extractor=CLIPImageProcessor(size=size, crop_size=size),  # as FluxBackend's
+            image_projection=projection.to(torch_dtype),
+            sources={"ip_adapter": os.fspath(ip_adapter), "image_encoder": os.fspath(image_encoder)},
+        )
+        return encoder_only.to(device)
+
+    def to(self, device: str | torch.device) -> FluxImageEncoder:
+        self.image_encoder.to(device)
+        self.image_projection.to(device)
+        return self
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        return self.image_projection.num_image_text_embeds, self.image_projection.norm.normalized_shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_encoder.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.image_projection.parameters()).dtype
+
+    def describe(self) -> dict[str, str]:
+        return {"family": self.family, **self.sources, "dtype": str(self.dtype).removeprefix("torch.")}
+
+    @torch.no_grad()
+    def encode_image(self, images: Sequence[Image]) -> torch.Tensor:
+        """Post-projection IP tokens as :meth:`FluxBackend.encode_image` makes them: CLIP
+        ``image_embeds`` [B, 768] -> projection -> [B, 4, 4096] (this encoder's dtype and device)."""
+        images = list(images)
+        if not images:
+            raise ValueError("encode_image got no images")
+        pixels = self.feature_extractor(images=images, return_tensors="pt").pixel_values
+        pixels = pixels.to(self.device, dtype=self.image_encoder.dtype)  # [B, 3, 224, 224]
+        embeds = self.image_encoder(pixel_values=pixels).image_embeds  # [B, 768]
+        return self.image_projection(embeds)  # [B, 4, 4096]

@@ -373,3 +373,129 @@ def _clip_image_processor(image_size: int):
     except ImportError:  # transformers < 5
         from transformers import CLIPImageProcessor as Processor
     return Processor(size=image_size, crop_size=image_size)
+
+
+class SDXLImageEncoder:
+    """Only what :meth:`SDXLBackend.encode_image` needs: the CLIP vision model and the IP-Adapter-Plus
+    resampler, without the UNet, VAE and text encoders (for the feature stage, which encodes images
+    but never generates). Its tokens equal those of an :class:`SDXLBackend` loaded with the same
+    ``ip_adapter``, ``image_encoder`` and dtype.
+
+    Build it with :meth:`from_pretrained` (or :func:`img_guidance.backends.load_image_encoder`).
+    """
+
+    family = "sdxl"
+
+    def __init__(
+        self,
+        *,
+        image_encoder: nn.Module,
+        feature_extractor: Any,
+        image_projection: nn.Module,
+        sources: dict[str, str] | None = None,
+    ) -> None:
+        self.image_encoder = image_encoder.eval().requires_grad_(False)
+        self.feature_extractor = feature_extractor
+        self.image_projection = image_projection.eval().requires_grad_(False)
+        self._sources = dict(sources or {})
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        *,
+        ip_adapter: str | os.PathLike = DEFAULT_IP_ADAPTER,
+        image_encoder: str | os.PathLike = DEFAULT_IMAGE_ENCODER,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> SDXLImageEncoder:
+        """Load the CLIP vision model (``image_encoder``: a folder, repo or ``owner/repo/sub``) and the
+        resampler of an IP-Adapter-Plus file (``ip_adapter``: .safetensors or .bin, h94 layout), in
+        ``torch_dtype`` (default float32, as :meth:`SDXLBackend.from_pretrained`), on ``device``
+        (default: the CPU)."""
+        from diffusers.loaders.unet import UNet2DConditionLoadersMixin
+        from diffusers.models.embeddings import IPAdapterPlusImageProjection
+        from transformers import CLIPVisionModelWithProjection
+
+        ip_adapter_file = hub_file(ip_adapter)
+        encoder_path, encoder_subfolder = pretrained_location(image_encoder)
+        dtype = torch_dtype or torch.float32
+        state = _ip_adapter_image_proj_state(ip_adapter_file)
+        # diffusers' own h94 -> diffusers conversion (what SDXLBackend gets through load_ip_adapter);
+        # it reads nothing from the UNet unless loading onto the meta device, so no UNet is needed
+        projection = UNet2DConditionLoadersMixin._convert_ip_adapter_image_proj_to_diffusers(
+            None, state, low_cpu_mem_usage=False
+        )
+        if not isinstance(projection, IPAdapterPlusImageProjection):
+            raise ValueError(
+                f"{ip_adapter_file} is not an IP-Adapter-Plus file: its image projection is a "
+                f"{type(projection).__name__}, the SDXL backend needs IPAdapterPlusImageProjection "
+                "(a resampler over CLIP hidden_states[-2])"
+            )
+        encoder = CLIPVisionModelWithProjection.from_pretrained(
+            encoder_path, subfolder=encoder_subfolder or "", dtype=dtype
+        )
+        encoder_only = cls(
+            image_encoder=encoder,
+            feature_extractor=_clip_image_processor(encoder.config.image_size),
+            image_projection=projection.to(dtype),
+            sources={"ip_adapter": os.fspath(ip_adapter), "image_encoder": os.fspath(image_encoder)},
+        )
+        if device is not None:
+            encoder_only.to(device)
+        return encoder_only
+
+    def to(self, device: str | torch.device) -> SDXLImageEncoder:
+        self.image_encoder.to(device)
+        self.image_projection.to(device)
+        return self
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        """(queries, width) of the resampler's output: (16, 2048) for ip-adapter-plus_sdxl_vit-h."""
+        return (self.image_projection.latents.shape[1], self.image_projection.proj_out.out_features)
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_encoder.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.image_projection.parameters()).dtype
+
+    def describe(self) -> dict[str, str]:
+        return {"family": self.family, **self._sources, "dtype": str(self.dtype).removeprefix("torch.")}
+
+    @torch.no_grad()
+    def encode_image(self, images: Sequence[Image]) -> torch.Tensor:
+        """IP-Adapter-Plus tokens of ``images`` as :meth:`SDXLBackend.encode_image` makes them: CLIP
+        (224 crop) ``hidden_states[-2]`` -> resampler -> [B, N, D], in this encoder's dtype and device."""
+        images = list(images)
+        if not images:
+            raise ValueError("encode_image needs at least one image, got none")
+        pixel_values = self.feature_extractor(images=images, return_tensors="pt").pixel_values
+        hidden = self.image_encoder(
+            pixel_values.to(device=self.device, dtype=self.image_encoder.dtype), output_hidden_states=True
+        ).hidden_states[-2]  # [B, 1 + patches, clip_width]
+        return self.image_projection(hidden.to(self.dtype))  # [B, N, D]
+
+
+def _ip_adapter_image_proj_state(path: os.PathLike) -> dict[str, torch.Tensor]:
+    """The ``image_proj.*`` tensors of an h94 IP-Adapter file (prefix removed), read the way diffusers'
+    ``load_ip_adapter`` reads them; the per-layer ``ip_adapter.*`` weights are not loaded."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device="cpu") as f:
+            state = {
+                k.removeprefix("image_proj."): f.get_tensor(k)
+                for k in f.keys()  # noqa: SIM118 (a safetensors handle, not a dict)
+                if k.startswith("image_proj.")
+            }
+    else:
+        from diffusers.models.model_loading_utils import load_state_dict
+
+        state = dict(load_state_dict(path).get("image_proj", {}))  # torch.load(weights_only=True)
+    if not state:
+        raise ValueError(f"{path} has no image_proj weights; it is not an IP-Adapter file in the h94 layout")
+    return state

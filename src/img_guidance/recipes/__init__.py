@@ -1,0 +1,1 @@
+"""Training recipes: flat, readable accelerate loops (setup, train, checkpoint, cleanup)."""

@@ -1,0 +1,893 @@
+"""Train the Implicit Aligner with the Iteratively Updated Preference Objective (paper Sec. 3.3).
+
+A flat accelerate recipe: setup, train loop, checkpoint, cleanup. Launch it with::
+
+    img-guidance train configs/sdxl_llava13b.yaml [key=value ...] [--resume [PATH]]
+    accelerate launch --multi_gpu --num_processes 8 -m img_guidance.recipes.train_aligner CONFIG ...
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m img_guidance.recipes.train_aligner CONFIG ...
+
+(the last: several CPU processes, which ``accelerate launch --cpu`` does not start on one machine).
+
+Each step feeds (guidance of l, tokens of l, guidance mask) to the aligner and to the reference
+aligner (no gradient, same inputs), takes ``iupo_loss`` against the tokens of w and l, and tells the
+:class:`ReferenceTracker` the batch errors (it averages them over processes, so every process
+replaces its reference at the same step).
+
+Data order is a seeded permutation per epoch, cut into global batches (``batch_size`` x processes):
+process p takes the p-th per-process slice of each global batch, so N processes see the same global
+batches as one process with N times the batch size. Checkpoints store where in which epoch the run
+is, so ``--resume`` continues with the very next batch and the result equals an uninterrupted run.
+With ``online:`` instead of ``cache_dir``, features are computed on the fly by
+:class:`~img_guidance.features.extract.OnlineFeatures` (the pairs in source order, dealt over the
+processes by the dataset; a resumed run recomputes the batches it skips to get back to its place).
+
+Exit status of :func:`main`: 0 done, 1 the loss (or gradient norm) went non-finite (nothing is
+saved after the last good step), 2 a bad command line or config.
+
+Output folder::
+
+    OUTPUT/config.yaml                       the resolved config
+    OUTPUT/checkpoints/step_00005000/        aligner/ (save_pretrained), reference.safetensors,
+                                             optimizer.pt, scheduler.pt, rng/process_<i>.pt,
+                                             trainer_state.json (step, data position, tracker, config)
+    OUTPUT/logs/img-guidance/                TensorBoard events
+    OUTPUT/logs/reference_replacements.process<i>.json   the steps at which each process replaced f_ref
+    OUTPUT/final/                            the trained aligner: load_aligner(OUTPUT/final)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
+
+from img_guidance.recipes.checkpoint import (
+    STATE_FILE,
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    publish,
+    remove_stale_temps,
+    rng_state,
+    set_rng_state,
+    temp_dir,
+)
+from img_guidance.recipes.config import ConfigError, config_to_dict, load_config
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+REPORTERS = ("tensorboard", "wandb")
+# keys that may change between a run and its resumption without making the resumption inexact
+RESUME_FREE_KEYS = {
+    "max_steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "validate_every",
+    "num_workers",
+    "report_to",
+    "output_dir",
+}
+# iupo_loss parts logged every step (after averaging over processes)
+LOGGED_PARTS = ("L_base", "L_pref", "margin_dpo", "margin_spin", "win_fraction")
+TRACKER_PROJECT = "img-guidance"
+# the ``online:`` section: the pairs and the models of the feature stage (as ``img-guidance features``)
+ONLINE_KEYS = {
+    "pairs": "Pick-a-Pic parquet file or folder, pairs JSONL folder, or hub dataset id (required)",
+    "model": "backend whose image tokens are the targets: sdxl, flux or a pipeline folder (required)",
+    "ip_adapter": "IP-Adapter weights overriding the model's",
+    "image_encoder": "image encoder overriding the model's",
+    "mllm": "guidance model (default: the paper's finetuned LLaVA-1.5-13B)",
+    "prompt_format": "the guidance model's prompt format",
+    "questions": "JSON file of question templates (default: the project's 100)",
+    "dtype": "the feature models' dtype (default bfloat16 on CUDA, float32 elsewhere)",
+    "storage_dtype": "round features as a cache would store them, e.g. bfloat16 (default: no rounding)",
+    "limit": "use only the first rows of the pairs source",
+    "batch_size": "pairs per feature-model batch",
+    "seed": "the question seed (as the feature cache's question_seed)",
+    "rows_per_block": "source rows per block dealt to a process (as the cache's rows_per_shard)",
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every key of a training config. Defaults are the paper's (AdamW, lr 1e-4 constant, weight
+    decay 1e-4, batch 8 per GPU, lambda 1, k 10, 100K steps, DPO + SPIN terms)."""
+
+    output_dir: str
+    # data: a finished feature cache, or online extraction (options of OnlineFeatures)
+    cache_dir: str | None = None
+    online: dict[str, Any] | None = None
+    val_cache_dir: str | None = None
+    val_fraction: float = 0.0
+    num_workers: int = 2
+    # aligner (guidance_dim and image_dim come from the data)
+    depth: int = 4
+    heads: int = 20
+    head_dim: int = 64
+    ff_mult: int = 4
+    init_from: str | None = None
+    # objective
+    lam: float = 1.0
+    k: int = 10
+    terms: list[str] = field(default_factory=lambda: ["dpo", "spin"])
+    # optimisation
+    max_steps: int = 100_000
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
+    mixed_precision: str = "no"
+    seed: int = 0
+    # bookkeeping
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    validate_every: int = 5000
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss (or gradient norm): training stopped before applying that step."""
+
+
+def check_config(cfg: TrainConfig, *, dataset_given: bool = False) -> None:
+    """Every value checked before any data or model is touched; errors name the key and value.
+    ``dataset_given``: the caller brings the training data, so no cache_dir or online is needed."""
+    positive = ("max_steps", "batch_size", "k", "depth", "heads", "head_dim", "ff_mult", "checkpoint_every")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    for key in ("num_workers", "warmup_steps", "log_every", "validate_every", "keep_checkpoints"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be 0 or more, got {getattr(cfg, key)}")
+    for key in ("lr", "weight_decay", "lam", "grad_clip"):
+        value = getattr(cfg, key)
+        if not math.isfinite(value) or value < 0 or (key == "lr" and value == 0):
+            raise ConfigError(
+                f"{key} must be a finite number {'> 0' if key == 'lr' else '>= 0'}, got {value}"
+            )
+    if not cfg.output_dir:
+        raise ConfigError("output_dir must be set")
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(
+            f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {cfg.mixed_precision!r}"
+        )
+    from img_guidance.objective import PREFERENCE_TERMS
+
+    if any(t not in PREFERENCE_TERMS for t in cfg.terms) or len(set(cfg.terms)) != len(cfg.terms):
+        raise ConfigError(f"terms must be distinct names from {list(PREFERENCE_TERMS)}, got {cfg.terms}")
+    if any(r not in REPORTERS for r in cfg.report_to):
+        raise ConfigError(f"report_to may list {', '.join(REPORTERS)}, got {cfg.report_to}")
+    if "wandb" in cfg.report_to:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                "report_to asks for wandb, which is not installed: pip install wandb, or drop it"
+            )
+    if (cfg.cache_dir is None) == (cfg.online is None) and not dataset_given:
+        raise ConfigError(
+            "set exactly one of cache_dir (a finished feature cache) and online (extraction options)"
+        )
+    if cfg.online is not None:
+        unknown = sorted(set(cfg.online) - set(ONLINE_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown online key {unknown[0]!r}; valid keys: {', '.join(ONLINE_KEYS)}")
+        missing = [key for key in ("pairs", "model") if cfg.online.get(key) is None]
+        if missing:
+            raise ConfigError(f"online needs {' and '.join(missing)}")
+        if cfg.val_fraction > 0:
+            raise ConfigError(
+                "online features cannot be split: set val_cache_dir for validation, val_fraction 0"
+            )
+        if cfg.num_workers > 0:
+            raise ConfigError("online extraction runs its models in the main process: set num_workers: 0")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.val_fraction > 0 and cfg.val_cache_dir is not None:
+        raise ConfigError("set val_fraction or val_cache_dir, not both")
+    for key in ("cache_dir", "val_cache_dir"):
+        path = getattr(cfg, key)
+        if path is not None and not Path(path).is_dir():
+            raise ConfigError(f"{key} {path} is not a folder")
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded, epoch-aware order over ``indices``, resumable in the middle of an epoch.
+
+    Epoch e is a permutation drawn from (seed, e), cut to whole global batches (the remainder is
+    dropped, and reshuffled in next epoch); iteration starts ``start`` global batches in. Every
+    process draws the same order; accelerate's batch sharding gives process p the p-th batch of
+    ``global_batch / num_processes`` samples of each global batch.
+    """
+
+    def __init__(self, indices: Sequence[int], *, global_batch: int, seed: int):
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.global_batch = global_batch
+        self.seed = seed
+        self.batches_per_epoch = len(self.indices) // global_batch
+        if self.batches_per_epoch == 0:
+            raise ConfigError(
+                f"{len(self.indices)} training samples do not fill one global batch of {global_batch} "
+                "(batch_size x processes)"
+            )
+        self.epoch = 0
+        self.start = 0
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The training indices of ``epoch`` in the order they are used (whole global batches)."""
+        permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))
+        return self.indices[permutation[: self.batches_per_epoch * self.global_batch]]
+
+    def set_epoch(self, epoch: int) -> None:
+        # accelerate calls this at every iteration start; only a new epoch starts from its beginning
+        if epoch != self.epoch:
+            self.epoch, self.start = epoch, 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start) * self.global_batch
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.order(self.epoch)[self.start * self.global_batch :].tolist()
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded (train, validation) split of range(n); validation holds ceil(n * val_fraction)."""
+    n_val = math.ceil(n * val_fraction)
+    permutation = np.random.default_rng([seed, 0x7A1]).permutation(n)
+    return sorted(permutation[n_val:].tolist()), sorted(permutation[:n_val].tolist())
+
+
+def open_datasets(cfg: TrainConfig, accelerator) -> tuple[Dataset, Dataset | None]:
+    """The training dataset (the feature cache, or online extraction) and the validation cache."""
+    from img_guidance.features.cache import FeatureCache
+
+    def open_cache(key: str, path: str) -> FeatureCache:
+        try:
+            return FeatureCache(path)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"{key}: {err}") from err
+
+    if cfg.online is None:
+        train_set = open_cache("cache_dir", cfg.cache_dir)
+    else:
+        train_set = online_features(cfg.online, accelerator)
+    val_set = open_cache("val_cache_dir", cfg.val_cache_dir) if cfg.val_cache_dir else None
+    return train_set, val_set
+
+
+def online_features(options: dict[str, Any], accelerator) -> IterableDataset:
+    """:class:`~img_guidance.features.extract.OnlineFeatures` with its models loaded on this
+    process's device, its pairs dealt over the accelerate processes."""
+    from img_guidance.backends import load_image_encoder
+    from img_guidance.features.extract import OnlineFeatures
+    from img_guidance.guidance import DEFAULT_MLLM, load_guidance
+    from img_guidance.guidance.questions import QUESTIONS, load_questions
+
+    device = accelerator.device
+    dtype = options.get("dtype") or ("bfloat16" if device.type == "cuda" else "float32")
+    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise ConfigError(f"online.dtype must name a torch dtype (float32, bfloat16, float16), got {dtype!r}")
+    storage = options.get("storage_dtype")
+    if storage is not None and not isinstance(getattr(torch, str(storage), None), torch.dtype):
+        raise ConfigError(f"online.storage_dtype must name a torch dtype, got {storage!r}")
+    questions = load_questions(options["questions"]) if options.get("questions") else QUESTIONS
+    encoder = load_image_encoder(
+        options["model"],
+        ip_adapter=options.get("ip_adapter"),
+        image_encoder=options.get("image_encoder"),
+        torch_dtype=getattr(torch, dtype),
+        device=device,
+    )
+    guidance = load_guidance(
+        options.get("mllm") or DEFAULT_MLLM,
+        prompt_format=options.get("prompt_format"),
+        torch_dtype=getattr(torch, dtype),
+        device=device,
+    )
+    extra = {key: options[key] for key in ("limit", "batch_size", "seed", "rows_per_block") if key in options}
+    return OnlineFeatures(
+        options["pairs"],
+        image_encoder=encoder,
+        guidance=guidance,
+        questions=questions,
+        dtype=getattr(torch, storage) if storage else None,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        **extra,
+    )
+
+
+def dataset_dims(dataset: Dataset) -> dict[str, int]:
+    """guidance_dim, num_tokens, image_dim of a dataset of feature samples (its ``dims`` when it
+    has them, else read off its first sample)."""
+    dims = getattr(dataset, "dims", None)
+    if dims is None and isinstance(dataset, Subset):
+        dims = getattr(dataset.dataset, "dims", None)
+    if dims is None:
+        sample = next(iter(dataset)) if isinstance(dataset, IterableDataset) else dataset[0]
+        dims = {
+            "guidance_dim": int(sample["guidance"].shape[-1]),
+            "num_tokens": int(sample["tokens_l"].shape[0]),
+            "image_dim": int(sample["tokens_l"].shape[-1]),
+        }
+    return {key: int(dims[key]) for key in ("guidance_dim", "num_tokens", "image_dim")}
+
+
+# -- model -----------------------------------------------------------------------------------------
+
+
+def build_aligner(cfg: TrainConfig, dims: dict[str, int]):
+    """A fresh aligner for the data's widths, or ``init_from`` (checked against the config)."""
+    from img_guidance.aligner import ImplicitAligner, load_aligner
+
+    arch = {"depth": cfg.depth, "heads": cfg.heads, "head_dim": cfg.head_dim, "ff_mult": cfg.ff_mult}
+    wanted = {"guidance_dim": dims["guidance_dim"], "image_dim": dims["image_dim"], **arch}
+    if cfg.init_from is None:
+        return ImplicitAligner(**wanted)
+    try:
+        model = load_aligner(cfg.init_from, heads=cfg.heads, head_dim=cfg.head_dim).float()
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"init_from {cfg.init_from}: {err}") from err
+    found = model.config.to_dict()
+    differences = [f"{k}={found[k]} (config or data: {v})" for k, v in wanted.items() if found[k] != v]
+    if differences:
+        raise ConfigError(f"init_from {cfg.init_from} does not fit this run: it has {', '.join(differences)}")
+    return model.train()
+
+
+class LinearWarmup:
+    """LR factor rising linearly over ``steps`` scheduler steps, then 1 (``steps=0``: constant).
+    A class, not a lambda, so the scheduler's state dict carries it."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def __call__(self, step: int) -> float:
+        return 1.0 if self.steps == 0 else min(1.0, (step + 1) / self.steps)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    accelerator,
+    root: Path,
+    step: int,
+    *,
+    model,
+    tracker,
+    optimizer,
+    scheduler,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` into a temporary folder on every process, then (main process)
+    rename it into place and prune old ones. Nothing under a checkpoint name is ever partial."""
+    from accelerate.utils import DistributedType
+    from safetensors.torch import save_file
+
+    tmp, final = temp_dir(root, step), root / checkpoint_name(step)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if deepspeed:  # ZeRO shards the optimizer state: every process writes its part
+        model.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+    torch.save(rng_state(), tmp / "rng" / f"process_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(tmp / "aligner")
+        reference = {k: v.detach().cpu().contiguous() for k, v in tracker.reference.state_dict().items()}
+        save_file(reference, tmp / "reference.safetensors")
+        if not deepspeed:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        tracker_state = {"k": tracker.k, "count": tracker.count, "replacements": tracker.replacements}
+        state = {**state, "step": step, "tracker": tracker_state}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        publish(tmp, final)
+        prune_checkpoints(root, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path: Path, accelerator, *, model, tracker, optimizer, scheduler) -> dict[str, Any]:
+    """Restore everything :func:`save_checkpoint` wrote; returns its trainer state."""
+    from accelerate.utils import DistributedType
+    from safetensors.torch import load_file
+
+    from img_guidance.aligner import check_state_dict, read_state_dict
+
+    state = json.loads((path / STATE_FILE).read_text())
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.load_checkpoint(str(path / "deepspeed"), tag="state")
+    else:
+        weights = read_state_dict(path / "aligner" / "model.safetensors")
+        unwrapped = accelerator.unwrap_model(model)
+        check_state_dict(unwrapped, weights, str(path / "aligner"))
+        unwrapped.load_state_dict(weights)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    reference = load_file(path / "reference.safetensors")
+    tracker.load_state_dict({**state["tracker"], "reference": reference})
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if accelerator.scaler is not None and (path / "scaler.pt").is_file():
+        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    rng_file = path / "rng" / f"process_{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        accelerator.print(f"warning: {rng_file} is missing (another process count?); RNG states not restored")
+    return state
+
+
+def resolve_resume(resume: str | bool | None, checkpoints: Path) -> Path | None:
+    """``True``/``"latest"``: the newest complete checkpoint; a path: that checkpoint."""
+    if resume is None or resume is False:
+        return None
+    if resume is True or resume == "latest":
+        path = latest_checkpoint(checkpoints)
+        if path is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {checkpoints}")
+        return path
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"--resume {path}: not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def validate(accelerator, model, loader: DataLoader) -> dict[str, float]:
+    """Mean L_base on held-out samples, the input tokens' distance to w, and the fraction of
+    samples whose aligned tokens are closer to w than the input tokens were (summed over processes)."""
+    from accelerate.utils import send_to_device
+
+    from img_guidance.objective import squared_distance
+
+    # sum of L_base, sum of input distance, closer count, sample count
+    sums = torch.zeros(4, device=accelerator.device)  # float32: MPS has no float64
+    aligner = accelerator.unwrap_model(model)
+    for batch in loader:
+        batch = send_to_device(batch, accelerator.device)
+        with accelerator.autocast():
+            pred = aligner(batch["guidance"], batch["tokens_l"], batch["guidance_mask"])
+        error = squared_distance(batch["tokens_w"], pred)  # [B]
+        before = squared_distance(batch["tokens_w"], batch["tokens_l"])
+        sums += torch.stack([error.sum(), before.sum(), (error < before).sum(), error.new_tensor(len(error))])
+    total = accelerator.reduce(sums, "sum").tolist()
+    count = max(total[3], 1.0)
+    return {
+        "val/L_base": total[0] / count,
+        "val/input_distance": total[1] / count,
+        "val/closer_fraction": total[2] / count,
+    }
+
+
+# -- the recipe ------------------------------------------------------------------------------------
+
+
+def _hparams(cfg: TrainConfig) -> dict[str, Any]:
+    """The config flattened to what TensorBoard's hparams accept (numbers, strings, bools)."""
+    flat = {}
+    for key, value in config_to_dict(cfg).items():
+        flat[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return flat
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: str | bool | None = None,
+    dataset: Dataset | None = None,
+    val_dataset: Dataset | None = None,
+) -> dict[str, Any]:
+    """Train an aligner; returns a summary (final step, folders, logged rows, validations).
+
+    ``dataset``/``val_dataset``: datasets of feature samples (``guidance`` [L, G], ``tokens_l``/
+    ``tokens_w`` [N, D], ``index``) instead of the config's cache_dir/online/val_cache_dir. A
+    map-style one is shuffled per epoch and sharded over the processes by the recipe; an iterable
+    one (online features) must deal its samples over the processes itself, and is read in its own
+    order each epoch (a resumed run re-reads the batches it skips).
+    Raises :class:`TrainingDiverged` on a non-finite loss, after the last good checkpoint.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, ProjectConfiguration, send_to_device, set_seed
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from img_guidance.features.cache import collate_features
+    from img_guidance.objective import ReferenceTracker, iupo_loss
+
+    # -- setup ---------------------------------------------------------------------------------
+    check_config(cfg, dataset_given=dataset is not None)
+    output = Path(cfg.output_dir)
+    checkpoints = output / "checkpoints"
+    resume_from = resolve_resume(resume, checkpoints)
+    if resume_from is None and list_checkpoints(checkpoints):
+        raise ConfigError(
+            f"{checkpoints} already holds checkpoints: pass --resume to continue that run, "
+            "or choose another output_dir"
+        )
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with=list(dict.fromkeys(["tensorboard", *cfg.report_to])),  # TensorBoard always
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+    )
+    console = Console(quiet=not accelerator.is_main_process, highlight=False, soft_wrap=True)
+    set_seed(cfg.seed)
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_temps(checkpoints):
+            console.print(f"removed {stale}, a checkpoint a killed run did not finish")
+        import yaml
+
+        (output / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    accelerator.wait_for_everyone()
+
+    if dataset is None:
+        dataset, opened_val = open_datasets(cfg, accelerator)
+        val_dataset = val_dataset if val_dataset is not None else opened_val
+    dims = dataset_dims(dataset)
+    # A map-style dataset (the cache) goes through the seeded epoch sampler and accelerate's batch
+    # sharding; an iterable one (online features) deals its samples over the processes itself.
+    streaming = isinstance(dataset, IterableDataset)
+    train_indices = None if streaming else list(range(len(dataset)))
+    if cfg.val_fraction > 0:
+        if streaming:
+            raise ConfigError(
+                "val_fraction needs a map-style dataset; give streamed features a val_cache_dir"
+            )
+        train_indices, val_indices = split_indices(len(dataset), cfg.val_fraction, cfg.seed)
+        val_dataset = Subset(dataset, val_indices)
+    train_samples = None if streaming else len(train_indices)
+    if val_dataset is not None and dataset_dims(val_dataset) != dims:
+        raise ConfigError(
+            f"validation features have dims {dataset_dims(val_dataset)}, training features {dims}"
+        )
+
+    global_batch = cfg.batch_size * accelerator.num_processes
+    sampler = None if streaming else EpochSampler(train_indices, global_batch=global_batch, seed=cfg.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=collate_features,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+    steps_per_epoch = None if streaming else sampler.batches_per_epoch
+    val_loader = None
+    if val_dataset is not None and len(val_dataset) > 0 and cfg.validate_every > 0:
+        # each process scores every num_processes-th held-out sample; sums are reduced
+        shard = Subset(
+            val_dataset, range(accelerator.process_index, len(val_dataset), accelerator.num_processes)
+        )
+        val_loader = DataLoader(shard, batch_size=cfg.batch_size, collate_fn=collate_features)
+
+    model = build_aligner(cfg, dims).to(accelerator.device)
+    # the reference is a fresh random aligner (paper), broadcast from process 0
+    tracker = ReferenceTracker(model, k=cfg.k)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # accelerate steps a prepared scheduler once per process per optimizer step, so the warm-up
+    # is counted in those units to last warmup_steps optimizer steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, LinearWarmup(cfg.warmup_steps * accelerator.num_processes)
+    )
+    if streaming:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        tracker.model = accelerator.unwrap_model(model)
+
+    step, epoch, batch_in_epoch, replacement_steps = 0, 0, 0, []
+    if resume_from is not None:
+        state = load_checkpoint(
+            resume_from, accelerator, model=model, tracker=tracker, optimizer=optimizer, scheduler=scheduler
+        )
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        replacement_steps = list(state.get("replacement_steps", []))
+        changed = sorted(
+            k
+            for k, v in state["config"].items()
+            if k not in RESUME_FREE_KEYS and config_to_dict(cfg).get(k, v) != v
+        )
+        if changed:
+            console.print(f"warning: resuming with other values of {', '.join(changed)} than the checkpoint")
+        if state.get("global_batch") != global_batch or state.get("train_samples") != train_samples:
+            console.print("warning: the global batch or the training set changed; the data order differs")
+            if steps_per_epoch is not None:
+                batch_in_epoch = min(batch_in_epoch, steps_per_epoch)
+        console.print(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+
+    accelerator.init_trackers(
+        TRACKER_PROJECT,
+        config=_hparams(cfg),
+        init_kwargs={"wandb": {"name": output.name, "dir": str(output)}},
+    )
+    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    console.print(
+        f"training an aligner ({n_params:,} parameters; guidance {dims['guidance_dim']}, tokens "
+        f"{dims['num_tokens']} x {dims['image_dim']}) on "
+        f"{'streamed features' if streaming else f'{train_samples} samples'}"
+        f"{f', validating on {len(val_dataset)}' if val_loader else ''}; {accelerator.num_processes} "
+        f"process(es) x batch {cfg.batch_size} = global batch {global_batch}; "
+        f"{f'{steps_per_epoch} steps per epoch; ' if steps_per_epoch else ''}to step {cfg.max_steps}"
+    )
+
+    def position() -> dict[str, int]:
+        if steps_per_epoch is not None and batch_in_epoch >= steps_per_epoch:
+            return {"epoch": epoch + 1, "batch_in_epoch": 0}
+        return {"epoch": epoch, "batch_in_epoch": batch_in_epoch}
+
+    def epoch_batches(epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of ``epoch`` from its ``start``-th on, on this process's device."""
+        if not streaming:
+            loader.set_epoch(epoch)
+            sampler.set_position(epoch, start)
+            yield from loader
+            return
+        if start:
+            console.print(f"skipping {start} batches to the resume position (their features are recomputed)")
+        # processes may hold different numbers of samples: the epoch ends for all when one runs out
+        for seen, batch in enumerate(itertools.chain(loader, [None])):
+            ready = torch.tensor([batch is not None], dtype=torch.int64, device=accelerator.device)
+            if int(accelerator.reduce(ready, "sum")) < accelerator.num_processes:
+                return
+            if seen >= start:
+                yield send_to_device(batch, accelerator.device)
+
+    def checkpoint() -> Path:
+        state = {
+            **position(),
+            "replacement_steps": replacement_steps,
+            "global_batch": global_batch,
+            "train_samples": train_samples,
+            "num_processes": accelerator.num_processes,
+            "config": config_to_dict(cfg),
+        }
+        path = save_checkpoint(
+            accelerator,
+            checkpoints,
+            step,
+            model=model,
+            tracker=tracker,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            state=state,
+            keep=cfg.keep_checkpoints,
+        )
+        console.print(f"step {step}: checkpoint {path}")
+        return path
+
+    history: list[dict[str, float]] = []
+    validations: list[dict[str, float]] = []
+    window: dict[str, float] = {}
+    # samples/s counts the time of training steps (data loading included), not validation or saving
+    window_steps, window_seconds, clock = 0, 0.0, time.perf_counter()
+    columns = (
+        TextColumn("[bold]train[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+    )
+    progress = Progress(*columns, console=console, disable=not accelerator.is_main_process)
+    task = progress.add_task("train", total=cfg.max_steps, completed=step, status="")
+
+    # -- train loop ------------------------------------------------------------------------------
+    model.train()
+    progress.start()
+    try:
+        while step < cfg.max_steps:
+            here = position()
+            epoch, batch_in_epoch = here["epoch"], here["batch_in_epoch"]
+            first_step = step
+            for batch in epoch_batches(epoch, batch_in_epoch):
+                guidance, mask = batch["guidance"], batch["guidance_mask"]  # [B, L, G], [B, L]
+                tokens_l, tokens_w = batch["tokens_l"], batch["tokens_w"]  # [B, N, D]
+                pred = model(guidance, tokens_l, mask)
+                with torch.no_grad(), accelerator.autocast():
+                    ref_pred = tracker.reference(guidance, tokens_l, mask)
+                loss, parts = iupo_loss(pred, ref_pred, tokens_w, tokens_l, lam=cfg.lam, terms=cfg.terms)
+
+                # one all-reduce serves the logs and the finiteness check, so all processes stop together
+                local = torch.stack([loss.detach().float(), *(parts[name].float() for name in LOGGED_PARTS)])
+                reduced = accelerator.reduce(local, "mean").tolist()
+                values = dict(zip(("loss", *LOGGED_PARTS), reduced, strict=True))
+                bad = [f"{name}={value}" for name, value in values.items() if not math.isfinite(value)]
+                if bad:
+                    raise TrainingDiverged(f"step {step + 1}: non-finite loss ({', '.join(bad)})")
+
+                accelerator.backward(loss)
+                if cfg.grad_clip > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    if grad_norm is not None:
+                        values["grad_norm"] = float(grad_norm)
+                        # fp16 overflows are the grad scaler's business: it skips those steps
+                        if not math.isfinite(values["grad_norm"]) and cfg.mixed_precision != "fp16":
+                            raise TrainingDiverged(f"step {step + 1}: non-finite gradient norm ({grad_norm})")
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if tracker.observe(parts["policy_error"], parts["reference_error"]):
+                    replacement_steps.append(step + 1)
+                step += 1
+                batch_in_epoch += 1
+
+                for name, value in values.items():
+                    window[name] = window.get(name, 0.0) + value
+                window_steps += 1
+                window_seconds, clock = window_seconds + time.perf_counter() - clock, time.perf_counter()
+                progress.update(task, completed=step, status=f"loss {values['loss']:.4g}")
+                if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                    row = {f"train/{name}": total / window_steps for name, total in window.items()}
+                    row |= {
+                        "train/reference_replacements": tracker.replacements,
+                        "train/lr": scheduler.get_last_lr()[0],
+                        "train/samples_per_s": window_steps * global_batch / max(window_seconds, 1e-9),
+                    }
+                    accelerator.log(row, step=step)
+                    history.append({"step": step, **row})
+                    window, window_steps, window_seconds = {}, 0, 0.0
+                if val_loader is not None and (step % cfg.validate_every == 0 or step == cfg.max_steps):
+                    result = validate(accelerator, model, val_loader)
+                    accelerator.log(result, step=step)
+                    validations.append({"step": step, **result})
+                    console.print(
+                        f"step {step}: validation L_base {result['val/L_base']:.4g} "
+                        f"(inputs {result['val/input_distance']:.4g}), "
+                        f"closer to w: {result['val/closer_fraction']:.1%}"
+                    )
+                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                    checkpoint()
+                clock = time.perf_counter()
+                if step >= cfg.max_steps:
+                    break
+            else:  # the epoch ran out
+                if step == first_step and batch_in_epoch == 0:
+                    raise ConfigError("the training data gave no batch")
+                epoch, batch_in_epoch = epoch + 1, 0
+    except TrainingDiverged as err:
+        last = latest_checkpoint(checkpoints)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+        raise TrainingDiverged(f"{err}; training stopped without saving this step; {where}") from err
+    finally:
+        progress.stop()
+        # which steps replaced the reference, as this process saw it
+        record = output / "logs" / f"reference_replacements.process{accelerator.process_index}.json"
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"steps": replacement_steps, "last_step": step}) + "\n")
+        accelerator.end_training()
+
+    # -- cleanup: the final aligner ----------------------------------------------------------------
+    final = output / "final"
+    if accelerator.is_main_process:
+        staging = output / ".tmp-final"
+        shutil.rmtree(staging, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(staging)
+        publish(staging, final)
+        console.print(
+            f"done: {step} steps, {tracker.replacements} reference replacements; aligner in {final}"
+        )
+    return {
+        "step": step,
+        "final_dir": str(final),
+        "history": history,
+        "validations": validations,
+        "replacement_steps": replacement_steps,
+        "tracker": {"k": tracker.k, "count": tracker.count, "replacements": tracker.replacements},
+    }
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+USAGE = """usage: train_aligner CONFIG [key=value ...] [--resume [PATH]]
+
+Train the Implicit Aligner. CONFIG is a YAML file (see configs/); key=value overrides any key,
+the value read as YAML (lr=3e-4, terms=[dpo], online.batch_size=4). --resume continues from the
+newest complete checkpoint in OUTPUT_DIR/checkpoints, or from PATH.
+"""
+
+
+def parse_args(argv: Sequence[str]) -> tuple[str, list[str], str | bool | None]:
+    """``CONFIG [key=value ...] [--resume [PATH]]`` -> (config path, overrides, resume)."""
+    args = list(argv)
+    config, overrides, resume = None, [], None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-h", "--help"):
+            print(USAGE)
+            raise SystemExit(0)
+        if arg.startswith("--resume="):
+            resume = arg.split("=", 1)[1] or True
+        elif arg == "--resume":
+            following = args[i + 1] if i + 1 < len(args) else None
+            # a following argument is the PATH unless it is an override or an option
+            if following is not None and "=" not in following and not following.startswith("-") and config:
+                resume = following
+                i += 1
+            else:
+                resume = True
+        elif arg.startswith("-"):
+            raise ConfigError(f"unknown option {arg}\n{USAGE}")
+        elif config is None and "=" not in arg:
+            config = arg
+        elif "=" in arg:
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: overrides are key=value\n{USAGE}")
+        i += 1
+    if config is None:
+        raise ConfigError(f"no CONFIG given\n{USAGE}")
+    return config, overrides, resume
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the recipe from the command line; 0 on success, 1 when training diverged, 2 on a bad
+    config or command line."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        path, overrides, resume = parse_args(argv)
+        cfg = load_config(TrainConfig, path, overrides)
+        train(cfg, resume=resume)
+    except TrainingDiverged as err:
+        print(f"error: training diverged at {err}", file=sys.stderr)
+        return 1
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = [
+    "EpochSampler",
+    "TrainConfig",
+    "TrainingDiverged",
+    "check_config",
+    "main",
+    "open_datasets",
+    "split_indices",
+    "train",
+]
+
+if __name__ == "__main__":
+    raise SystemExit(main())
