@@ -160,6 +160,19 @@ def resolve_dtype(dtype: str, device: str):
     return getattr(torch, dtype)
 
 
+def load_pipeline(model: str, *, device: str, dtype: str, **options):
+    """IMGPipeline.from_pretrained for the CLI: devices and dtypes resolved, load errors as messages."""
+    from img_guidance.pipeline import IMGPipeline
+
+    run_device = resolve_device(device)
+    try:
+        return IMGPipeline.from_pretrained(
+            model, torch_dtype=resolve_dtype(dtype, run_device), device=run_device, **options
+        )
+    except (FileNotFoundError, ValueError, TypeError, OSError, ImportError) as err:
+        raise fail(str(err)) from err
+
+
 @app.command()
 def generate(
     prompt_args: Annotated[
@@ -253,26 +266,20 @@ def generate(
             f"{len(entries) - len(todo)} of {len(entries)} prompts already in {out}; doing the rest"
         )
 
-    from img_guidance.pipeline import IMGPipeline
-
-    run_device = resolve_device(device)
-    try:
-        pipe = IMGPipeline.from_pretrained(
-            model,
-            mllm=mllm,
-            aligner=aligner,
-            unet=unet,
-            ip_adapter=ip_adapter,
-            image_encoder=image_encoder,
-            prompt_format=prompt_format,
-            questions=questions,
-            torch_dtype=resolve_dtype(dtype, run_device),
-            device=run_device,
-            offload=offload,
-            mllm_quantization=mllm_quantization,
-        )
-    except (FileNotFoundError, ValueError, TypeError, OSError, ImportError) as err:
-        raise fail(str(err)) from err
+    pipe = load_pipeline(
+        model,
+        device=device,
+        dtype=dtype,
+        mllm=mllm,
+        aligner=aligner,
+        unet=unet,
+        ip_adapter=ip_adapter,
+        image_encoder=image_encoder,
+        prompt_format=prompt_format,
+        questions=questions,
+        offload=offload,
+        mllm_quantization=mllm_quantization,
+    )
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -330,26 +337,21 @@ def serve(
         import gradio  # noqa: F401
     except ImportError as err:
         raise fail('the web page needs gradio: pip install "img-guidance[serve]"') from err
-    from img_guidance.pipeline import IMGPipeline
     from img_guidance.serve import build_app
 
-    run_device = resolve_device(device)
-    try:
-        pipe = IMGPipeline.from_pretrained(
-            model,
-            mllm=mllm,
-            aligner=aligner,
-            unet=unet,
-            ip_adapter=ip_adapter,
-            image_encoder=image_encoder,
-            prompt_format=prompt_format,
-            torch_dtype=resolve_dtype(dtype, run_device),
-            device=run_device,
-            offload=offload,
-            mllm_quantization=mllm_quantization,
-        )
-    except (FileNotFoundError, ValueError, TypeError, OSError, ImportError) as err:
-        raise fail(str(err)) from err
+    pipe = load_pipeline(
+        model,
+        device=device,
+        dtype=dtype,
+        mllm=mllm,
+        aligner=aligner,
+        unet=unet,
+        ip_adapter=ip_adapter,
+        image_encoder=image_encoder,
+        prompt_format=prompt_format,
+        offload=offload,
+        mllm_quantization=mllm_quantization,
+    )
     build_app(pipe).launch(server_name=host, server_port=port)
 
 
