@@ -63,6 +63,9 @@ def test_features_train_generate(models, tmp_path):
     assert result.exit_code == 0, result.output
     aligner = load_aligner(tmp_path / "run" / "final")
     assert (aligner.config.guidance_dim, aligner.config.image_dim) == (HIDDEN_SIZE, 64)
+    result = runner.invoke(app, ["train", str(config), "lr=1e-3", "k=2", "max_steps=6", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "checkpoints" / "step_00000006").is_dir()
     result = runner.invoke(app, ["train", str(config), "no_such_key=1"])
     assert result.exit_code == 2 and "no_such_key" in result.output
 

@@ -427,9 +427,9 @@ def features(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )
 def train(ctx: typer.Context, config: Annotated[Path, typer.Argument(help="YAML config file.")]) -> None:
-    """Train an Implicit Aligner: CONFIG [key=value ...] [--resume [PATH]].
+    """Train an Implicit Aligner: CONFIG, then any key=value overrides, and --resume (optionally a PATH).
 
-    Any config value can be overridden (lr=3e-4 terms=[dpo]). Several GPUs:
+    Any config value can be overridden (lr=3e-4 terms=\\[dpo]). Several GPUs:
     accelerate launch -m img_guidance.recipes.train_aligner CONFIG ...
     """
     from img_guidance.recipes.train_aligner import main as train_main
