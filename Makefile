@@ -33,6 +33,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/aligner.py
 	$(BIN)/python benchmarks/pipeline_cost.py
+	$(BIN)/python benchmarks/training.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

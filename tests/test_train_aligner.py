@@ -378,8 +378,10 @@ def test_configs_carry_their_launch_command_and_the_paper_defaults():
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(cache, tmp_path):
-    """torchrun with 2 CPU processes (gloo) x batch 2 against 1 process x batch 4: same weights
-    within float tolerance, and both processes replaced the reference at the same steps."""
+    """`accelerate launch --multi_gpu --num_processes 2` on the CPU (ACCELERATE_USE_CPU: gloo) x batch 2
+    against 1 process x batch 4: same weights within float tolerance, and both processes replaced the
+    reference at the same steps. (`accelerate launch --cpu --num_processes 2` starts a single process
+    in accelerate 1.15; --multi_gpu with ACCELERATE_USE_CPU starts two CPU processes.)"""
     single = tmp_path / "single"
     one = train(make_config(single, cache, max_steps=12, checkpoint_every=6))
 
@@ -388,7 +390,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(cache, tmp_path):
     values = {"output_dir": str(double), "cache_dir": str(cache), **TINY, "lr": 1e-2, "k": 2, "seed": 0}
     config.write_text(yaml.safe_dump(values))
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     command += ["-m", "img_guidance.recipes.train_aligner", str(config), "batch_size=2", "max_steps=12"]
     command += ["checkpoint_every=6", "num_workers=0", "log_every=1"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)

@@ -4,7 +4,8 @@ A flat accelerate recipe: setup, train loop, checkpoint, cleanup. Launch it with
 
     img-guidance train configs/sdxl_llava13b.yaml [key=value ...] [--resume [PATH]]
     accelerate launch --multi_gpu --num_processes 8 -m img_guidance.recipes.train_aligner CONFIG ...
-    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m img_guidance.recipes.train_aligner CONFIG ...
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 \\
+        -m img_guidance.recipes.train_aligner CONFIG
 
 (the last: several CPU processes, which ``accelerate launch --cpu`` does not start on one machine).
 
