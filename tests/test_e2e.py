@@ -101,6 +101,9 @@ def test_mismatched_aligner_is_refused_before_generation(tiny, tmp_path):
             image_encoder=tiny["sdxl"]["image_encoder"],
             device="cpu",
         )
+    # a preset MLLM's width is known before anything large loads (qwen2.5-vl-7b: 3584, not 32)
+    with pytest.raises(ValueError, match=r"guidance of width 32 but the guidance model 'qwen2\.5-vl-7b' has"):
+        IMGPipeline.from_pretrained(tiny["sdxl"]["model"], mllm="qwen2.5-vl-7b", aligner=tiny["aligner"])
     with pytest.raises(ValueError, match="no released aligner is known"):
         IMGPipeline.from_pretrained(tiny["sdxl"]["model"], mllm=tiny["llava"])
 

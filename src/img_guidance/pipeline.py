@@ -145,7 +145,7 @@ class IMGPipeline:
         from img_guidance.guidance import DEFAULT_MLLM, load_guidance
         from img_guidance.guidance.questions import load_questions
         from img_guidance.hub import is_local
-        from img_guidance.presets import BACKEND_PRESETS
+        from img_guidance.presets import BACKEND_PRESETS, GUIDANCE_PRESETS
 
         if offload not in ("none", "model", "sequential"):
             raise ValueError(f"offload must be 'none', 'model' or 'sequential', got {offload!r}")
@@ -159,6 +159,12 @@ class IMGPipeline:
         if isinstance(questions, str | os.PathLike):
             questions = load_questions(questions)
         aligner_model = load_aligner(aligner, torch_dtype=torch_dtype, device=device)
+        guidance_preset = GUIDANCE_PRESETS.get(os.fspath(mllm or DEFAULT_MLLM))
+        if guidance_preset and guidance_preset.hidden_size != aligner_model.config.guidance_dim:
+            raise ValueError(
+                f"aligner expects guidance of width {aligner_model.config.guidance_dim} but the guidance "
+                f"model {mllm or DEFAULT_MLLM!r} has hidden size {guidance_preset.hidden_size}"
+            )
         backend = load_backend(
             model,
             unet=unet,
