@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/aligner.py
 	$(BIN)/python benchmarks/pipeline_cost.py
 	$(BIN)/python benchmarks/training.py
+	$(BIN)/python benchmarks/detector.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

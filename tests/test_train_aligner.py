@@ -21,13 +21,13 @@ from torch.utils.data import IterableDataset
 from img_guidance.aligner import load_aligner
 from img_guidance.features.cache import FeatureCache, FeatureCacheWriter
 from img_guidance.recipes.checkpoint import STATE_FILE, list_checkpoints
-from img_guidance.recipes.config import ConfigError, load_config
+from img_guidance.recipes.config import ConfigError, load_config, parse_args
 from img_guidance.recipes.train_aligner import (
+    USAGE,
     EpochSampler,
     TrainConfig,
     build_aligner,
     main,
-    parse_args,
     resolve_resume,
     train,
 )
@@ -348,9 +348,9 @@ def test_overrides_are_typed_and_unknown_keys_are_named(tmp_path, capsys):
     assert main([str(path), "bogus=1"]) == 2
     assert "unknown config key 'bogus'" in capsys.readouterr().err
 
-    assert parse_args(["c.yaml", "lr=1", "--resume"]) == ("c.yaml", ["lr=1"], True)
-    assert parse_args(["c.yaml", "--resume", "lr=1"]) == ("c.yaml", ["lr=1"], True)
-    assert parse_args(["c.yaml", "--resume", "ckpt/step_1"]) == ("c.yaml", [], "ckpt/step_1")
+    assert parse_args(["c.yaml", "lr=1", "--resume"], USAGE) == ("c.yaml", ["lr=1"], True)
+    assert parse_args(["c.yaml", "--resume", "lr=1"], USAGE) == ("c.yaml", ["lr=1"], True)
+    assert parse_args(["c.yaml", "--resume", "ckpt/step_1"], USAGE) == ("c.yaml", [], "ckpt/step_1")
 
 
 def test_configs_carry_their_launch_command_and_the_paper_defaults():

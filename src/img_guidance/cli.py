@@ -439,6 +439,26 @@ def train(ctx: typer.Context, config: Annotated[Path, typer.Argument(help="YAML 
         raise typer.Exit(code=code)
 
 
+@app.command(
+    "finetune-detector",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def finetune_detector(
+    ctx: typer.Context, config: Annotated[Path, typer.Argument(help="YAML config file.")]
+) -> None:
+    """Finetune an MLLM into a misalignment detector on instruction triplets (InstructPix2Pix or
+    JSONL): CONFIG, then any key=value overrides, and --resume (optionally a PATH).
+
+    Any config value can be overridden (method=lora lr=2e-4). Several GPUs:
+    accelerate launch -m img_guidance.recipes.finetune_detector CONFIG ...
+    """
+    from img_guidance.recipes.finetune_detector import main as finetune_main
+
+    code = finetune_main([str(config), *ctx.args])
+    if code:
+        raise typer.Exit(code=code)
+
+
 @app.command("convert-llava")
 def convert_llava_command(
     src: Annotated[str, typer.Argument(help="Original-layout LLaVA: folder, owner/repo[/sub] or preset.")],

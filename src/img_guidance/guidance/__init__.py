@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 # released aligners were trained with (converted from the original LLaVA layout on first use).
 DEFAULT_MLLM = "img-llava-13b"
 FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+# Written by the detector recipe into the folders it saves: the prompt format (and questions) the
+# detector was finetuned with, so the guidance stage reads it in that same format.
+DETECTOR_INFO = "img_guidance_detector.json"
+ADAPTER_CONFIG = "adapter_config.json"
 
 _EXPORTS = {
     "GuidanceModel": "img_guidance.guidance.base",
@@ -50,7 +54,9 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "ADAPTER_CONFIG",
     "DEFAULT_MLLM",
+    "DETECTOR_INFO",
     "FAMILIES",
     "PROMPT_FORMATS",
     "QUESTIONS",
@@ -66,6 +72,7 @@ __all__ = [
     "load_guidance",
     "load_questions",
     "read_config",
+    "read_detector_info",
 ]
 
 
@@ -79,20 +86,38 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-def read_config(location: str | os.PathLike) -> dict[str, Any]:
-    """The ``config.json`` of a model folder given as a local folder, ``owner/repo`` or
-    ``owner/repo/sub/folder`` (hub files come from the cache when offline)."""
+def _read_json(location: str | os.PathLike, name: str) -> dict[str, Any] | None:
+    """The JSON file ``name`` of a model folder (local, ``owner/repo`` or ``owner/repo/sub``), or
+    None when the folder has no such file."""
     from img_guidance.hub import hub_file, is_local, split_hub_path
 
     if is_local(location):
-        path = os.path.join(os.fspath(location), "config.json")
+        path = os.path.join(os.fspath(location), name)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{location} has no config.json; is it a model folder?")
+            return None
     else:
         repo_id, subfolder = split_hub_path(location)  # a clear error for a path that does not exist
-        path = hub_file(f"{repo_id}/{subfolder}/config.json" if subfolder else f"{repo_id}/config.json")
+        try:
+            path = hub_file(f"{repo_id}/{subfolder}/{name}" if subfolder else f"{repo_id}/{name}")
+        except FileNotFoundError:
+            return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def read_config(location: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a model folder given as a local folder, ``owner/repo`` or
+    ``owner/repo/sub/folder`` (hub files come from the cache when offline)."""
+    config = _read_json(location, "config.json")
+    if config is None:
+        raise FileNotFoundError(f"{location} has no config.json; is it a model folder?")
+    return config
+
+
+def read_detector_info(location: str | os.PathLike) -> dict[str, Any] | None:
+    """What the detector recipe recorded in a model folder it wrote (:data:`DETECTOR_INFO`: the
+    prompt format and questions it trained with, its base model), or None for other folders."""
+    return _read_json(location, DETECTOR_INFO)
 
 
 def conversion_cache() -> Path:
@@ -152,7 +177,11 @@ def load_guidance(
 ) -> GuidanceModel:
     """A guidance model from a preset name, a local folder or a hub id (``owner/repo[/sub]``).
 
-    prompt_format: None uses the preset's format, else ``llava_v0`` for LLaVA and ``chat`` for Qwen.
+    A folder written by the detector recipe is read in the prompt format it was finetuned in (its
+    :data:`DETECTOR_INFO`); a LoRA adapter folder (peft) loads its base model and merges the adapter.
+
+    prompt_format: None uses the detector's recorded format, else the preset's, else ``llava_v0``
+        for LLaVA and ``chat`` for Qwen.
     torch_dtype, device, quantization (``"8bit"``/``"4bit"``): passed to the family's loader.
     convert_original: convert a checkpoint in the original LLaVA layout into the conversion cache
         (:func:`conversion_cache`) the first time it is used; when False, such a checkpoint is an error.
@@ -168,6 +197,20 @@ def load_guidance(
         location = name
     from img_guidance.guidance.convert_llava import is_original_llava
 
+    info = read_detector_info(location)
+    if prompt_format is None and info is not None:
+        prompt_format = info.get("prompt_format")
+    adapter = _read_json(location, ADAPTER_CONFIG) if _read_json(location, "config.json") is None else None
+    if adapter is not None:
+        return _load_adapter(
+            location,
+            adapter,
+            prompt_format=prompt_format,
+            torch_dtype=torch_dtype,
+            device=device,
+            quantization=quantization,
+            convert_original=convert_original,
+        )
     config = read_config(location)
     if convert_original and is_original_llava(config):
         location = _converted(location, torch_dtype)
@@ -181,3 +224,42 @@ def load_guidance(
     from img_guidance.guidance.qwen import QwenGuidance
 
     return QwenGuidance.from_pretrained(location, prompt_format=prompt_format or "chat", **kwargs)
+
+
+def _load_adapter(
+    location: str,
+    adapter: dict[str, Any],
+    *,
+    prompt_format: str | None,
+    torch_dtype: Any,
+    device: Any,
+    quantization: str | None,
+    convert_original: bool,
+) -> GuidanceModel:
+    """A LoRA adapter folder (peft, as the detector recipe saves it unmerged): its base model
+    loaded as guidance, with the adapter merged into the weights."""
+    from img_guidance.hub import is_local, pretrained_location
+
+    base = adapter.get("base_model_name_or_path")
+    if not base:
+        raise ValueError(
+            f"{location} holds a LoRA adapter without base_model_name_or_path in {ADAPTER_CONFIG}"
+        )
+    if not is_local(base) and os.path.isabs(base):
+        raise FileNotFoundError(f"the base model of the adapter {location} is missing: {base} does not exist")
+    guidance = load_guidance(
+        base,
+        prompt_format=prompt_format,
+        torch_dtype=torch_dtype,
+        device=device,
+        quantization=quantization,
+        convert_original=convert_original,
+    )
+    from peft import PeftModel
+
+    path, subfolder = pretrained_location(location)
+    where = {"subfolder": subfolder} if subfolder else {}
+    model = PeftModel.from_pretrained(guidance.model, path, **where)
+    guidance.model = model.merge_and_unload().eval()
+    guidance.location = os.fspath(location)
+    return guidance

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from img_guidance.guidance.base import GuidanceModel, GuidanceOutput
-from img_guidance.guidance.prompts import build_prompt, check_format
+from img_guidance.guidance.prompts import build_example, build_prompt, check_format
 from img_guidance.hub import pretrained_location
 
 if TYPE_CHECKING:
@@ -74,8 +74,12 @@ def loading_kwargs(
     else:
         import torch
 
+        # NF4 with double quantization, as QLoRA: better than plain FP4 at the same size
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_compute_dtype=dtype or torch.float16
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype or torch.float16,
         )
     kwargs["device_map"] = {"": str(device) if device is not None else 0}
     return kwargs
@@ -122,7 +126,7 @@ def check_batch(images: Sequence[Image], questions: Sequence[str]) -> list[Image
 class TransformersGuidance(GuidanceModel):
     """A transformers vision-language model read as guidance: what the LLaVA and Qwen wrappers share.
 
-    Subclasses turn (images, questions) into model inputs (:meth:`_inputs`); this class runs the
+    Subclasses turn images and texts into model inputs (:meth:`_encode`); this class runs the
     forward pass and returns the last hidden layer with its mask, and manages devices and offload.
     """
 
@@ -189,8 +193,35 @@ class TransformersGuidance(GuidanceModel):
             self.model.to("cpu")
 
     @abstractmethod
-    def _inputs(self, images: list[Image], questions: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-        """Model inputs (right-padded) for a checked batch, and the text of each sample."""
+    def _encode(self, images: list[Image], texts: Sequence[str], padding_side: str) -> dict[str, Any]:
+        """Model inputs for RGB images and their texts (each with one image placeholder)."""
+
+    def prompts(self, questions: Sequence[str]) -> list[str]:
+        """The text given to the model for each (already filled) question, in its prompt format."""
+        return [build_prompt(self.prompt_format, question, self.processor) for question in questions]
+
+    def examples(self, questions: Sequence[str], answers: Sequence[str]) -> list[tuple[str, str]]:
+        """(prompt, target) per sample for supervised finetuning: the prompt is exactly what
+        :meth:`guide` gives the model for the question, the target the answer and its turn end."""
+        if len(questions) != len(answers):
+            raise ValueError(f"one answer per question is needed: {len(questions)} questions, {len(answers)}")
+        return [
+            build_example(self.prompt_format, question, answer, self.processor)
+            for question, answer in zip(questions, answers, strict=True)
+        ]
+
+    def encode(
+        self, images: Sequence[Image], texts: Sequence[str], *, padding_side: str = "right"
+    ) -> dict[str, Any]:
+        """Model inputs (on the CPU) for one image per text, preprocessed as :meth:`guide` does it.
+
+        ``texts`` are whole model texts with one image placeholder each, e.g. :meth:`prompts`, or
+        a prompt followed by its answer (detector finetuning); ``padding_side`` is ``"left"`` for
+        batched generation.
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        return self._encode(check_batch(images, texts), texts, padding_side)
 
     def guide(self, images: Sequence[Image], questions: Sequence[str]) -> GuidanceOutput:
         """Last-layer hidden states of each image with its (already filled) question.
@@ -201,7 +232,8 @@ class TransformersGuidance(GuidanceModel):
         """
         import torch
 
-        inputs, texts = self._inputs(check_batch(images, questions), questions)
+        texts = self.prompts(questions)
+        inputs = self.encode(images, texts)
         float_dtype = self.model.get_input_embeddings().weight.dtype
         inputs = {
             key: value.to(self._device, float_dtype) if value.is_floating_point() else value.to(self._device)
@@ -272,10 +304,13 @@ class LlavaGuidance(TransformersGuidance):
             model=model, processor=processor, location=os.fspath(location), prompt_format=prompt_format
         )
 
-    def _inputs(self, images: list[Image], questions: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-        texts = [build_prompt(self.prompt_format, question, self.processor) for question in questions]
+    def _encode(self, images: list[Image], texts: Sequence[str], padding_side: str) -> dict[str, Any]:
         squares = [expand_to_square(image, self.pad_colour) for image in images]
         inputs = self.processor(
-            images=squares, text=texts, return_tensors="pt", padding="longest", padding_side="right"
+            images=squares,
+            text=list(texts),
+            return_tensors="pt",
+            padding="longest",
+            padding_side=padding_side,
         )
-        return dict(inputs), texts
+        return dict(inputs)

@@ -93,3 +93,13 @@ def build_example(format: str, question: str, answer: str, processor: Any = None
             f"alone, so the target cannot be split off: prompt {prompt!r}, conversation {full!r}"
         )
     return prompt, full[len(prompt) :]
+
+
+def clean_answer(format: str, text: str) -> str:
+    """A generated answer (decoded without special tokens) cut at the end of its turn, as
+    :func:`build_example` ends targets: the llava formats' turn separator, and surrounding space."""
+    check_format(format)
+    end = _LLAVA_ANSWER_END.get(format)
+    if end is not None and end in text:
+        text = text[: text.index(end)]
+    return text.strip()

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from img_guidance.guidance.llava import TransformersGuidance, loading_kwargs
-from img_guidance.guidance.prompts import build_prompt, check_format
+from img_guidance.guidance.prompts import check_format
 from img_guidance.hub import pretrained_location
 
 if TYPE_CHECKING:
@@ -64,6 +64,17 @@ class QwenImageTextProcessor:
             raise ValueError(f"{path} has no chat template (neither the processor's nor the tokenizer's)")
         return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
 
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write the image processor and the tokenizer (carrying the chat template) to ``folder``,
+        where :meth:`from_pretrained` reads them back."""
+        self.image_processor.save_pretrained(folder)
+        template = self.tokenizer.chat_template
+        self.tokenizer.chat_template = self.chat_template
+        try:
+            self.tokenizer.save_pretrained(folder)
+        finally:
+            self.tokenizer.chat_template = template
+
     def apply_chat_template(
         self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, tokenize: bool = False
     ) -> str:
@@ -77,8 +88,10 @@ class QwenImageTextProcessor:
             tokenize=False,
         )
 
-    def __call__(self, images: Sequence[Image], texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Model inputs for one image per text, right-padded.
+    def __call__(
+        self, images: Sequence[Image], texts: Sequence[str], *, padding_side: str = "right"
+    ) -> dict[str, torch.Tensor]:
+        """Model inputs for one image per text, padded on ``padding_side``.
 
         Returns input_ids, attention_mask, mm_token_type_ids [B, L]; pixel_values [P, C*T*p*p] (the
         flattened patches of all images); image_grid_thw [B, 3].
@@ -95,7 +108,7 @@ class QwenImageTextProcessor:
                     f"found {text.count(self.image_token)}: {text!r}"
                 )
             expanded.append(text.replace(self.image_token, self.image_token * (int(grid.prod()) // merge**2)))
-        tokens = self.tokenizer(expanded, return_tensors="pt", padding="longest", padding_side="right")
+        tokens = self.tokenizer(expanded, return_tensors="pt", padding="longest", padding_side=padding_side)
         return {
             "input_ids": tokens["input_ids"],
             "attention_mask": tokens["attention_mask"],
@@ -168,6 +181,5 @@ class QwenGuidance(TransformersGuidance):
             model=model, processor=processor, location=os.fspath(location), prompt_format=prompt_format
         )
 
-    def _inputs(self, images: list[Image], questions: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-        texts = [build_prompt(self.prompt_format, question, self.processor) for question in questions]
-        return self.processor(images, texts), texts
+    def _encode(self, images: list[Image], texts: Sequence[str], padding_side: str) -> dict[str, Any]:
+        return self.processor(images, texts, padding_side=padding_side)

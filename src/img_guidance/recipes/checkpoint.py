@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from img_guidance.recipes.config import ConfigError
+
 STEP_PATTERN = re.compile(r"^step_(\d+)$")
 TEMP_PREFIX = ".tmp-"
 # written last: a folder is a complete checkpoint only with this file in it
@@ -105,6 +107,21 @@ def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[Path]:
         path.rename(hidden)
         shutil.rmtree(hidden, ignore_errors=True)
     return doomed
+
+
+def resolve_resume(resume: str | bool | None, checkpoints: Path) -> Path | None:
+    """``True``/``"latest"``: the newest complete checkpoint; a path: that checkpoint."""
+    if resume is None or resume is False:
+        return None
+    if resume is True or resume == "latest":
+        path = latest_checkpoint(checkpoints)
+        if path is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {checkpoints}")
+        return path
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"--resume {path}: not a complete checkpoint (no {STATE_FILE})")
+    return path
 
 
 # -- random number generators ---------------------------------------------------------------------

@@ -172,3 +172,61 @@ def load_config(cls: type[T], path: str | Path, overrides: Sequence[str] = ()) -
 def config_to_dict(config: Any) -> dict[str, Any]:
     """The config as plain YAML/JSON-ready values."""
     return dataclasses.asdict(config)
+
+
+def parse_args(argv: Sequence[str], usage: str) -> tuple[str, list[str], str | bool | None]:
+    """A recipe's command line ``CONFIG [key=value ...] [--resume [PATH]]`` -> (config path,
+    overrides, resume); ``-h`` prints ``usage`` and exits."""
+    args = list(argv)
+    config, overrides, resume = None, [], None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-h", "--help"):
+            print(usage)
+            raise SystemExit(0)
+        if arg.startswith("--resume="):
+            resume = arg.split("=", 1)[1] or True
+        elif arg == "--resume":
+            following = args[i + 1] if i + 1 < len(args) else None
+            # a following argument is the PATH unless it is an override or an option
+            if following is not None and "=" not in following and not following.startswith("-") and config:
+                resume = following
+                i += 1
+            else:
+                resume = True
+        elif arg.startswith("-"):
+            raise ConfigError(f"unknown option {arg}\n{usage}")
+        elif config is None and "=" not in arg:
+            config = arg
+        elif "=" in arg:
+            overrides.append(arg)
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: overrides are key=value\n{usage}")
+        i += 1
+    if config is None:
+        raise ConfigError(f"no CONFIG given\n{usage}")
+    return config, overrides, resume
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss (or gradient norm): training stopped before applying that step."""
+
+
+def run_recipe(argv: Sequence[str] | None, cls: type[T], usage: str, run) -> int:
+    """A recipe's ``main``: parse ``CONFIG [key=value ...] [--resume [PATH]]``, build the config
+    ``cls`` and call ``run(config, resume=...)``. Returns 0 done, 1 training diverged, 2 a bad
+    config or command line (the message on stderr)."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        path, overrides, resume = parse_args(argv, usage)
+        run(load_config(cls, path, overrides), resume=resume)
+    except TrainingDiverged as err:
+        print(f"error: training diverged at {err}", file=sys.stderr)
+        return 1
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

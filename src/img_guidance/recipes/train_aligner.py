@@ -42,7 +42,6 @@ import itertools
 import json
 import math
 import shutil
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -61,11 +60,17 @@ from img_guidance.recipes.checkpoint import (
     prune_checkpoints,
     publish,
     remove_stale_temps,
+    resolve_resume,
     rng_state,
     set_rng_state,
     temp_dir,
 )
-from img_guidance.recipes.config import ConfigError, config_to_dict, load_config
+from img_guidance.recipes.config import (
+    ConfigError,
+    TrainingDiverged,
+    config_to_dict,
+    run_recipe,
+)
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 REPORTERS = ("tensorboard", "wandb")
@@ -138,10 +143,6 @@ class TrainConfig:
     log_every: int = 50
     validate_every: int = 5000
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-
-
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss (or gradient norm): training stopped before applying that step."""
 
 
 def check_config(cfg: TrainConfig, *, dataset_given: bool = False) -> None:
@@ -443,21 +444,6 @@ def load_checkpoint(path: Path, accelerator, *, model, tracker, optimizer, sched
     else:
         accelerator.print(f"warning: {rng_file} is missing (another process count?); RNG states not restored")
     return state
-
-
-def resolve_resume(resume: str | bool | None, checkpoints: Path) -> Path | None:
-    """``True``/``"latest"``: the newest complete checkpoint; a path: that checkpoint."""
-    if resume is None or resume is False:
-        return None
-    if resume is True or resume == "latest":
-        path = latest_checkpoint(checkpoints)
-        if path is None:
-            raise ConfigError(f"--resume: no complete checkpoint in {checkpoints}")
-        return path
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise ConfigError(f"--resume {path}: not a complete checkpoint (no {STATE_FILE})")
-    return path
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -828,55 +814,10 @@ newest complete checkpoint in OUTPUT_DIR/checkpoints, or from PATH.
 """
 
 
-def parse_args(argv: Sequence[str]) -> tuple[str, list[str], str | bool | None]:
-    """``CONFIG [key=value ...] [--resume [PATH]]`` -> (config path, overrides, resume)."""
-    args = list(argv)
-    config, overrides, resume = None, [], None
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg in ("-h", "--help"):
-            print(USAGE)
-            raise SystemExit(0)
-        if arg.startswith("--resume="):
-            resume = arg.split("=", 1)[1] or True
-        elif arg == "--resume":
-            following = args[i + 1] if i + 1 < len(args) else None
-            # a following argument is the PATH unless it is an override or an option
-            if following is not None and "=" not in following and not following.startswith("-") and config:
-                resume = following
-                i += 1
-            else:
-                resume = True
-        elif arg.startswith("-"):
-            raise ConfigError(f"unknown option {arg}\n{USAGE}")
-        elif config is None and "=" not in arg:
-            config = arg
-        elif "=" in arg:
-            overrides.append(arg)
-        else:
-            raise ConfigError(f"unexpected argument {arg!r}: overrides are key=value\n{USAGE}")
-        i += 1
-    if config is None:
-        raise ConfigError(f"no CONFIG given\n{USAGE}")
-    return config, overrides, resume
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the recipe from the command line; 0 on success, 1 when training diverged, 2 on a bad
     config or command line."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        path, overrides, resume = parse_args(argv)
-        cfg = load_config(TrainConfig, path, overrides)
-        train(cfg, resume=resume)
-    except TrainingDiverged as err:
-        print(f"error: training diverged at {err}", file=sys.stderr)
-        return 1
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_recipe(argv, TrainConfig, USAGE, train)
 
 
 __all__ = [
