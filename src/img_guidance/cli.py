@@ -491,3 +491,43 @@ def convert_llava_command(
 
 if __name__ == "__main__":
     app()
+
+
+shapes_app = typer.Typer(
+    help="ShapesWorld: the small fully known world where all of IMG runs on a CPU.", no_args_is_help=True
+)
+app.add_typer(shapes_app, name="shapes")
+
+
+@shapes_app.command("judge")
+def shapes_judge(
+    folder: Annotated[
+        Path, typer.Argument(help="An `img-guidance generate` output folder of ShapesWorld prompts.")
+    ],
+) -> None:
+    """Score the initial and calibrated images of a generate output folder with the ShapesWorld
+    judge: writes FOLDER/judge.json (per-prompt verdicts, per-category accuracy with 95% intervals,
+    IMG's win/tie/loss against the initial images) and prints the tables."""
+    from img_guidance.shapes.scoring import JUDGE_FILE, judge_output_folder
+
+    try:
+        result = judge_output_folder(folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise fail(str(err)) from err
+    for system in ("initial", "calibrated"):
+        console.print(f"\n{system}:", highlight=False)
+        console.print("| category | n | accuracy | 95% CI | undecidable |", highlight=False)
+        console.print("|---|---|---|---|---|", highlight=False)
+        rows = {**result[system]["per_category"], "overall": result[system]["overall"]}
+        for name, s in rows.items():
+            low, high = s["ci95"]
+            console.print(
+                f"| {name} | {s['n']} | {s['accuracy']:.3f} | [{low:.3f}, {high:.3f}] | {s['undecidable']} |",
+                highlight=False,
+            )
+    outcome = result["img_vs_initial"]
+    console.print(
+        f"\nIMG against the initial images: {outcome['wins']} wins, {outcome['ties']} ties, "
+        f"{outcome['losses']} losses; written to {Path(folder) / JUDGE_FILE}",
+        highlight=False,
+    )

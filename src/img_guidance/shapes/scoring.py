@@ -1,0 +1,123 @@
+"""Scoring an ``img-guidance generate`` output folder of ShapesWorld prompts with the judge.
+
+:func:`judge_output_folder` reads ``OUT/metadata.jsonl`` (one line per prompt, with its initial and
+calibrated image files), judges both images against the prompt, and writes ``OUT/judge.json``:
+
+- ``prompts``: per prompt (and seed) the verdict of the initial and of the calibrated image
+  (correct True / False / null when the judge cannot decide, score, each check), and IMG's outcome
+  (win / tie / loss of the calibrated image's score against the initial one's);
+- ``initial`` and ``calibrated``: accuracy per category (GenEval's) with 95% Wilson intervals;
+- ``img_vs_initial``: wins, ties and losses over the prompts.
+
+Any prompt the grammar can say is accepted; a prompt it cannot say is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from img_guidance.shapes.judge import Report, Verdict, judge, win_tie_loss
+
+JUDGE_FILE = "judge.json"
+
+
+def verdict_dict(verdict: Verdict) -> dict[str, Any]:
+    """A verdict as JSON-ready values."""
+    return {
+        "correct": verdict.correct,
+        "score": verdict.score,
+        "checks": verdict.checks,
+        "objects": [
+            {"shape": o.shape, "colour": o.colour, "x": round(o.cx, 2), "y": round(o.cy, 2), "area": o.area}
+            for o in verdict.objects
+        ],
+    }
+
+
+def report_dict(report: Report) -> dict[str, Any]:
+    """Per-category and overall accuracy with 95% intervals, as JSON-ready values."""
+
+    def stats(s) -> dict[str, Any]:
+        low, high = s.interval
+        return {
+            "n": s.n,
+            "correct": s.correct,
+            "accuracy": s.accuracy,
+            "ci95": [low, high],
+            "undecidable": s.undecidable,
+            "mean_score": s.mean_score,
+        }
+
+    return {
+        "per_category": {name: stats(s) for name, s in report.per_category.items()},
+        "overall": stats(report.overall),
+    }
+
+
+def judge_output_folder(folder: str | os.PathLike) -> dict[str, Any]:
+    """Judge every finished prompt of a ``generate`` output folder; writes and returns
+    ``folder/judge.json`` (see the module docstring)."""
+    from PIL import Image
+
+    from img_guidance.shapes.grammar import parse
+
+    folder = Path(folder)
+    metadata = folder / "metadata.jsonl"
+    if not metadata.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no metadata.jsonl: is it an `img-guidance generate` output folder?"
+        )
+    records = []
+    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{metadata}:{number} is not valid JSON: {err}") from err
+    if not records:
+        raise ValueError(f"{metadata} lists no finished prompt")
+    initial, calibrated, prompts = [], [], []
+    for record in records:
+        prompt = record.get("prompt")
+        try:
+            spec = parse(prompt)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"{record.get('name')}: the prompt {prompt!r} is not one ShapesWorld can judge: {err}"
+            ) from err
+        files = record.get("files", {})
+        missing = [key for key in ("initial", "calibrated") if key not in files]
+        if missing:
+            raise ValueError(f"{record.get('name')}: metadata lists no {' or '.join(missing)} image")
+        with Image.open(folder / files["initial"]) as a, Image.open(folder / files["calibrated"]) as b:
+            before, after = judge(a.convert("RGB"), spec), judge(b.convert("RGB"), spec)
+        initial.append(before)
+        calibrated.append(after)
+        outcome = "win" if after.score > before.score else "loss" if after.score < before.score else "tie"
+        prompts.append(
+            {
+                "name": record.get("name"),
+                "prompt": prompt,
+                "seed": record.get("seed"),
+                "category": before.category,
+                "initial": verdict_dict(before),
+                "calibrated": verdict_dict(after),
+                "img": outcome,
+            }
+        )
+    outcomes = win_tie_loss(calibrated, initial)
+    result = {
+        "folder": str(folder),
+        "prompts": prompts,
+        "initial": report_dict(Report(initial)),
+        "calibrated": report_dict(Report(calibrated)),
+        "img_vs_initial": {"wins": outcomes.wins, "ties": outcomes.ties, "losses": outcomes.losses},
+    }
+    tmp = folder / f".{JUDGE_FILE}.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / JUDGE_FILE)
+    return result
