@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline_cost.py
 	$(BIN)/python benchmarks/training.py
 	$(BIN)/python benchmarks/detector.py
+	$(BIN)/python benchmarks/shapes_judge.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

@@ -210,7 +210,12 @@ def generate(
     width: Annotated[int | None, typer.Option(min=8)] = None,
     rounds: Annotated[int, typer.Option(min=1, help="Calibration rounds.")] = 1,
     passes: Annotated[int, typer.Option(min=0, help="Recurrent aligner passes.")] = 3,
-    ip_scale: Annotated[float, typer.Option(min=0.0, help="IP-Adapter scale of the re-generation.")] = 0.2,
+    ip_scale: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, help="IP-Adapter scale of the re-generation (default: the model's; 0.2 for SDXL/FLUX)."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch.")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     dtype: Annotated[
@@ -531,3 +536,52 @@ def shapes_judge(
         f"{outcome['losses']} losses; written to {Path(folder) / JUDGE_FILE}",
         highlight=False,
     )
+
+
+@shapes_app.command("train-all")
+def shapes_train_all(
+    out: Annotated[Path, typer.Argument(help="Folder for every stage's data, runs and models.")],
+    seed: Annotated[int, typer.Option(help="Seed of every stage.")] = 0,
+    quick: Annotated[
+        bool, typer.Option(help="Tiny settings (about a minute; not the shipped quality).")
+    ] = False,
+    install: Annotated[
+        bool, typer.Option(help="Copy the models into the package, where the demo and presets load them.")
+    ] = False,
+) -> None:
+    """Reproduce ShapesWorld's models from nothing: generator and adapter, detector (finetuned by
+    the detector recipe), preference pairs, features and aligner (the aligner recipe). A rerun into
+    OUT skips finished stages; OUT/train_all.json records each stage's seconds and results."""
+    from img_guidance.shapes.train_all import ShapesRecipe, train_all
+    from img_guidance.shapes.train_all import install as install_models
+
+    recipe = ShapesRecipe.quick(seed) if quick else ShapesRecipe(seed=seed)
+    try:
+        report = train_all(out, recipe=recipe, log=lambda line: console.print(line, highlight=False))
+    except (FileExistsError, ValueError) as err:
+        raise fail(str(err)) from err
+    for name, stage in report["stages"].items():
+        console.print(f"{name}: {stage['seconds']:.0f} s", highlight=False)
+    console.print(f"total: {report['total_seconds'] / 60:.1f} min", highlight=False)
+    if install:
+        console.print(f"installed the models into {install_models(out)}", highlight=False)
+
+
+@shapes_app.command("demo")
+def shapes_demo(
+    out: Annotated[Path, typer.Option(help="Folder for demo.png and demo.json.")] = Path("img-guidance-demo"),
+) -> None:
+    """Run IMG end to end on ShapesWorld, offline on the CPU, with the models that ship in the
+    package: a few prompts, the initial and calibrated images side by side with the judge's verdicts.
+    """
+    from img_guidance.shapes.demo import run_demo
+
+    if out.exists() and not out.is_dir():
+        raise fail(f"--out {out} exists and is not a folder")
+    console.print(
+        "[bold]IMG on ShapesWorld[/]: generator, detector and aligner trained by this project, offline"
+    )
+    try:
+        run_demo(out, log=lambda line: console.print(line, highlight=False))
+    except FileNotFoundError as err:
+        raise fail(str(err)) from err

@@ -135,14 +135,14 @@ class IMGPipeline:
         """Build the pipeline from locations: ``model`` is a preset (``sdxl``, ``sdxl-dpo``,
         ``flux``) or a diffusers pipeline folder / hub id; every component can be overridden.
 
-        ``aligner`` defaults to the preset's released aligner; ``mllm`` to the authors' finetuned
-        detector (see :func:`img_guidance.guidance.load_guidance`). ``questions`` is a JSON file of
-        templates or a list. The aligner is loaded first, so a dimension mismatch that the presets
-        already reveal is reported before the large models load.
+        ``aligner`` defaults to the preset's released aligner; ``mllm`` to the preset's guidance
+        model, else the authors' finetuned detector (see :func:`img_guidance.guidance.load_guidance`).
+        ``questions`` is a JSON file of templates or a list. The aligner is loaded first, so a
+        dimension mismatch that the presets already reveal is reported before the large models load.
         """
         from img_guidance.aligner import load_aligner
         from img_guidance.backends import load_backend
-        from img_guidance.guidance import DEFAULT_MLLM, load_guidance
+        from img_guidance.guidance import default_mllm, load_guidance
         from img_guidance.guidance.questions import load_questions
         from img_guidance.hub import is_local
         from img_guidance.presets import BACKEND_PRESETS, GUIDANCE_PRESETS
@@ -158,12 +158,13 @@ class IMGPipeline:
             aligner = BACKEND_PRESETS[model].aligner
         if isinstance(questions, str | os.PathLike):
             questions = load_questions(questions)
+        mllm = mllm or default_mllm(model)
         aligner_model = load_aligner(aligner, torch_dtype=torch_dtype, device=device)
-        guidance_preset = GUIDANCE_PRESETS.get(os.fspath(mllm or DEFAULT_MLLM))
+        guidance_preset = GUIDANCE_PRESETS.get(os.fspath(mllm))
         if guidance_preset and guidance_preset.hidden_size != aligner_model.config.guidance_dim:
             raise ValueError(
                 f"aligner expects guidance of width {aligner_model.config.guidance_dim} but the guidance "
-                f"model {mllm or DEFAULT_MLLM!r} has hidden size {guidance_preset.hidden_size}"
+                f"model {mllm!r} has hidden size {guidance_preset.hidden_size}"
             )
         backend = load_backend(
             model,
@@ -177,7 +178,7 @@ class IMGPipeline:
         # A quantized MLLM cannot move between devices: it stays where it was loaded.
         offload_mllm = offload != "none" and mllm_quantization is None
         guidance = load_guidance(
-            mllm or DEFAULT_MLLM,
+            mllm,
             prompt_format=prompt_format,
             torch_dtype=torch_dtype,
             device="cpu" if offload_mllm else device,
@@ -211,7 +212,7 @@ class IMGPipeline:
         *,
         rounds: int = 1,
         passes: int = 3,
-        ip_scale: float = 0.2,
+        ip_scale: float | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
         height: int | None = None,
@@ -226,7 +227,7 @@ class IMGPipeline:
                 the same initial image, question and calibrated image.
             rounds: how many times to calibrate; round r>0 starts from round r-1's calibrated image.
             passes: recurrent aligner passes (the paper: 3).
-            ip_scale: IP-Adapter scale of the re-generation (the paper: 0.2).
+            ip_scale: IP-Adapter scale of the re-generation (default: the backend's; the paper: 0.2).
             steps, guidance_scale, height, width: sampling settings (the backend's defaults if None).
             initial_images: start from these images instead of generating them (one per prompt).
         """
@@ -247,6 +248,8 @@ class IMGPipeline:
             raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
         if not isinstance(passes, int) or passes < 0:
             raise ValueError(f"passes must be a non-negative integer, got {passes!r}")
+        if ip_scale is None:
+            ip_scale = self.backend.defaults.ip_scale
         if not ip_scale >= 0:
             raise ValueError(f"ip_scale must be >= 0, got {ip_scale!r}")
         if initial_images is not None and len(initial_images) != len(prompts):

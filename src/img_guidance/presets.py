@@ -7,6 +7,10 @@ registered at import time elsewhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+# ShapesWorld's trained models ship inside the package (img-guidance shapes train-all reproduces them)
+SHAPES_WEIGHTS = Path(__file__).resolve().parent / "shapes" / "weights"
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,22 @@ class BackendPreset:
     width: int = 1024
     unet: str | None = None
     true_cfg_scale: float | None = None
+    mllm: str | None = None  # the guidance model its aligner was trained with (None: the paper's detector)
 
 
 BACKEND_PRESETS: dict[str, BackendPreset] = {
+    "shapes": BackendPreset(
+        family="shapes",
+        model=str(SHAPES_WEIGHTS / "generator"),
+        ip_adapter=str(SHAPES_WEIGHTS / "generator"),
+        image_encoder=str(SHAPES_WEIGHTS / "generator"),
+        aligner=str(SHAPES_WEIGHTS / "aligner"),
+        mllm="shapes-detector",
+        steps=20,
+        guidance_scale=4.0,
+        height=32,
+        width=32,
+    ),
     "sdxl": BackendPreset(
         family="sdxl",
         model="stabilityai/stable-diffusion-xl-base-1.0",
@@ -106,6 +123,13 @@ class GuidancePreset:
 
 
 GUIDANCE_PRESETS: dict[str, GuidancePreset] = {
+    "shapes-detector": GuidancePreset(
+        family="llava",
+        model=str(SHAPES_WEIGHTS / "detector"),
+        prompt_format="llava_v0",
+        hidden_size=64,
+        description="ShapesWorld's tiny LLaVA, finetuned as its misalignment detector (ships in the package)",
+    ),
     "img-llava-13b": GuidancePreset(
         family="llava",
         model="shi-labs/IMG/llava",

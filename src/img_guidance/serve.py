@@ -19,7 +19,7 @@ def calibrate(
     *,
     rounds: int = 1,
     passes: int = 3,
-    ip_scale: float = 0.2,
+    ip_scale: float | None = None,
     steps: int | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -31,7 +31,12 @@ def calibrate(
         raise ValueError("enter a prompt")
     sampling = dict(steps=steps, height=height, width=width)
     out = pipe(
-        [prompt], [int(seed)], rounds=int(rounds), passes=int(passes), ip_scale=float(ip_scale), **sampling
+        [prompt],
+        [int(seed)],
+        rounds=int(rounds),
+        passes=int(passes),
+        ip_scale=None if ip_scale is None else float(ip_scale),
+        **sampling,
     )
     meta = out.metadata[0]
     seconds = {stage: 0.0 for stage in ("generate", "guide", "encode", "align", "regenerate")}
@@ -66,7 +71,7 @@ def build_app(pipe: IMGPipeline, *, title: str = "IMG: Implicit Multimodal Guida
             seed = gr.Number(label="Seed", value=0, precision=0)
             rounds = gr.Slider(1, 3, value=1, step=1, label="Rounds")
             passes = gr.Slider(0, 5, value=3, step=1, label="Aligner passes")
-            ip_scale = gr.Slider(0.0, 1.0, value=0.2, step=0.05, label="IP scale")
+            ip_scale = gr.Slider(0.0, 1.0, value=pipe.backend.defaults.ip_scale, step=0.05, label="IP scale")
         with gr.Row():
             initial = gr.Image(label="Initial", type="pil")
             calibrated = gr.Image(label="Calibrated (IMG)", type="pil")

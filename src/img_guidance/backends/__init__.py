@@ -29,6 +29,7 @@ PIPELINE_FAMILIES = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "FluxPipeline": "flux",
+    "ShapesWorldPipeline": "shapes",
 }
 
 
@@ -66,7 +67,8 @@ def load_backend(
     device: str | torch.device | None = None,
     offload: OffloadMode = "none",
 ) -> DiffusionBackend:
-    """A backend from a preset name (``sdxl``, ``sdxl-dpo``, ``flux``) or a pipeline folder / hub id,
+    """A backend from a preset name (``sdxl``, ``sdxl-dpo``, ``flux``, ``shapes``) or a pipeline
+    folder / hub id,
     with any component overridden. ``unet`` swaps the SDXL UNet (for FLUX it swaps the transformer).
     With ``offload`` other than "none" the weights stay on the CPU and move to ``device`` as they run
     (see :meth:`DiffusionBackend.set_offload`)."""
@@ -97,6 +99,17 @@ def load_backend(
         if unet is not None:
             overrides["transformer"] = unet
         overrides["offload"] = offload  # FLUX applies it before any weight reaches the device
+    elif family == "shapes":
+        from img_guidance.backends.shapes import ShapesBackend
+
+        if unet is not None or ip_adapter is not None or image_encoder is not None:
+            raise ValueError(
+                "a ShapesWorld model folder holds its UNet, adapter and image encoder together: "
+                "swap the whole folder (--model FOLDER) instead of --unet/--ip-adapter/--image-encoder"
+            )
+        location = BACKEND_PRESETS[name].model if name in BACKEND_PRESETS and not is_local(name) else name
+        _check_shapes_weights(location)
+        return ShapesBackend.from_pretrained(location, torch_dtype=torch_dtype, device=device)
     else:  # pragma: no cover - family_of only returns known families
         raise ValueError(f"unknown backend family {family!r}")
     if name in BACKEND_PRESETS and not is_local(name):
@@ -108,6 +121,14 @@ def load_backend(
 
         backend.set_offload(offload, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return backend
+
+
+def _check_shapes_weights(location: str) -> None:
+    if not os.path.isfile(os.path.join(location, "model_index.json")):
+        raise FileNotFoundError(
+            f"ShapesWorld's generator is missing at {location}: reinstall the package, or rebuild the "
+            "models with `img-guidance shapes train-all OUT --install`"
+        )
 
 
 def image_encoder_locations(
@@ -127,6 +148,8 @@ def image_encoder_locations(
     if name in BACKEND_PRESETS and not is_local(name):
         preset = BACKEND_PRESETS[name]
         defaults = {"ip_adapter": preset.ip_adapter, "image_encoder": preset.image_encoder}
+    elif family == "shapes":
+        defaults = {"ip_adapter": name, "image_encoder": name}
     elif family == "sdxl":
         from img_guidance.backends import sdxl
 
@@ -155,6 +178,8 @@ def load_image_encoder(
     as a backend's). A UNet or transformer swap does not change image tokens, so none is taken."""
     locations = image_encoder_locations(model, ip_adapter=ip_adapter, image_encoder=image_encoder)
     family = locations.pop("family")
+    if family == "shapes":  # the world's whole model is a few MB: its backend encodes images
+        return load_backend(model, torch_dtype=torch_dtype, device=device)
     if family == "sdxl":
         from img_guidance.backends.sdxl import SDXLImageEncoder as encoder_class
     else:

@@ -28,6 +28,7 @@ class GenerationDefaults:
     guidance_scale: float
     height: int
     width: int
+    ip_scale: float = 0.2  # IP-Adapter scale of IMG's re-generation (the paper's, for SDXL and FLUX)
 
 
 class DiffusionBackend(ABC):

@@ -432,7 +432,7 @@ def run_features(
     Runs under ``accelerate launch`` with one process per GPU.
     """
     from img_guidance.backends import image_encoder_locations, load_image_encoder
-    from img_guidance.guidance import DEFAULT_MLLM, load_guidance
+    from img_guidance.guidance import default_mllm, load_guidance
     from img_guidance.guidance.questions import load_questions
     from img_guidance.hub import split_hub_path
 
@@ -464,7 +464,7 @@ def run_features(
         "family": locations["family"],
         "ip_adapter": _location(locations["ip_adapter"]),
         "image_encoder": _location(locations["image_encoder"]),
-        "mllm": _location(mllm if mllm is not None else DEFAULT_MLLM),
+        "mllm": _location(mllm if mllm is not None else default_mllm(model)),
         "questions": questions_fingerprint(question_list),
     }
     _check_models(out, models)
@@ -485,7 +485,7 @@ def run_features(
         model, ip_adapter=ip_adapter, image_encoder=image_encoder, torch_dtype=dtype, device=device
     )
     guidance = load_guidance(
-        mllm if mllm is not None else DEFAULT_MLLM,
+        mllm if mllm is not None else default_mllm(model),
         prompt_format=prompt_format,
         torch_dtype=dtype,
         device=device,

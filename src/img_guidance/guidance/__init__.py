@@ -68,6 +68,7 @@ __all__ = [
     "choose_question",
     "conversion_cache",
     "convert_llava",
+    "default_mllm",
     "fill",
     "load_guidance",
     "load_questions",
@@ -84,6 +85,17 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+def default_mllm(model: str | os.PathLike | None = None) -> str:
+    """The guidance model to use with ``model`` when none is named: the backend preset's own (the
+    one its aligner was trained with, e.g. ShapesWorld's detector), else :data:`DEFAULT_MLLM`."""
+    from img_guidance.presets import BACKEND_PRESETS
+
+    preset = BACKEND_PRESETS.get(os.fspath(model)) if model is not None else None
+    if preset is not None and preset.mllm is not None and not os.path.exists(os.fspath(model)):
+        return preset.mllm
+    return DEFAULT_MLLM
 
 
 def _read_json(location: str | os.PathLike, name: str) -> dict[str, Any] | None:

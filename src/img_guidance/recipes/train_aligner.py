@@ -282,7 +282,7 @@ def online_features(options: dict[str, Any], accelerator) -> IterableDataset:
     process's device, its pairs dealt over the accelerate processes."""
     from img_guidance.backends import load_image_encoder
     from img_guidance.features.extract import OnlineFeatures
-    from img_guidance.guidance import DEFAULT_MLLM, load_guidance
+    from img_guidance.guidance import default_mllm, load_guidance
     from img_guidance.guidance.questions import QUESTIONS, load_questions
 
     device = accelerator.device
@@ -301,7 +301,7 @@ def online_features(options: dict[str, Any], accelerator) -> IterableDataset:
         device=device,
     )
     guidance = load_guidance(
-        options.get("mllm") or DEFAULT_MLLM,
+        options.get("mllm") or default_mllm(options["model"]),
         prompt_format=options.get("prompt_format"),
         torch_dtype=getattr(torch, dtype),
         device=device,

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 # How a triplet's source scene A is drawn for a target B
-NEAR_MISS, SAME, OTHER = 0.75, 0.1, 0.15
+NEAR_MISS, SAME, OTHER = 0.85, 0.1, 0.05
 
 
 def png_bytes(image: Image.Image) -> bytes:

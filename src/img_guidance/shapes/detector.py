@@ -86,11 +86,12 @@ def make_detector_base(
     layers: int = 2,
     vision_width: int = 64,
     vision_layers: int = 2,
+    patch_size: int = PATCH_SIZE,
     seed: int = 0,
 ) -> Path:
     """Write the untrained world MLLM (random weights, seeded) with its processor to ``folder``:
-    CLIP vision tower (32 px, 8 px patches: 16 image tokens), MLP projector, Llama language model
-    of width ``hidden_size`` (the guidance width)."""
+    CLIP vision tower (32 px, ``patch_size`` px patches: (32 / patch_size)^2 image tokens), MLP
+    projector, Llama language model of width ``hidden_size`` (the guidance width)."""
     import torch
     from transformers import (
         CLIPVisionConfig,
@@ -109,7 +110,7 @@ def make_detector_base(
         num_hidden_layers=vision_layers,
         num_attention_heads=4,
         image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
+        patch_size=patch_size,
         projection_dim=vision_width,
     )
     text = LlamaConfig(
@@ -128,7 +129,7 @@ def make_detector_base(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
+        image_seq_length=(IMAGE_SIZE // patch_size) ** 2,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
@@ -140,7 +141,7 @@ def make_detector_base(
             size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
         ),
         tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )

@@ -1,0 +1,244 @@
+"""Does IMG improve alignment? ShapesWorld's judge on a fixed held-out prompt set, for the base model,
+IMG, and the paper's baselines and ablations at equal settings.
+
+    python benchmarks/shapes_eval.py --run runs/shapes            # a finished `shapes train-all` folder
+    python benchmarks/shapes_eval.py --run runs/shapes --split validation   # for choosing settings
+
+The prompt set is the TEST split of ``split_scenes`` (scenes never used to train any model; its
+two-object scenes include colour-shape combinations the generator never saw together), up to
+``--per-category`` scenes per category, each with ``--seeds`` seeds. Hyper-parameters are chosen on
+the validation split (``--split validation``), never on this one.
+
+Systems (every one starts from the same initial images where it re-generates):
+
+- base: the generator alone;
+- IMG (1 round, 3 passes) and IMG (2 rounds): the shipped detector + aligner;
+- another seed: re-generation with a different seed, the same compute without guidance;
+- unaligned tokens ("no guidance"): re-generation from the initial image's own IP tokens (0 passes);
+- text-embedding guidance: an aligner trained (same recipe, same pairs) on the generator's text
+  embedding of the prompt instead of the detector's hidden states;
+- untrained detector: an aligner trained on the hidden states of the detector before finetuning;
+- L_base only / + DPO / + DPO + SPIN (the shipped recipe), and lambda 0.5 and 2 (lambda 0 is L_base
+  only, lambda 1 the shipped aligner).
+
+Ablation aligners are trained on first use into ``RUN/ablations/NAME`` with the shipped aligner's
+recipe (its feature caches into ``RUN/ablations/features_*``). Output: a markdown table of accuracy
+per category with 95% Wilson intervals, each system's win/tie/loss against the base per (prompt,
+seed), and ``--json`` with everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OTHER_SEED_OFFSET = 500_000
+
+
+def prompt_set(split: str, per_category: int, seed: int) -> list:
+    """Up to ``per_category`` scenes of each category of ``split``, a seeded choice."""
+    import numpy as np
+
+    from img_guidance.shapes.grammar import category
+    from img_guidance.shapes.train_generator import split_scenes
+
+    scenes = split_scenes(seed)[split]
+    rng = np.random.default_rng([seed, 0xE7A1])
+    chosen = []
+    pools: dict[str, list] = {}
+    for scene in scenes:
+        pools.setdefault(category(scene), []).append(scene)
+    for name in sorted(pools):
+        pool = pools[name]
+        order = rng.permutation(len(pool))[:per_category]
+        chosen += [pool[i] for i in sorted(order)]
+    return chosen
+
+
+def ablation_aligner(run: Path, name: str, *, guidance: str, lam: float, terms: list[str], log) -> Path:
+    """The aligner of one ablation, trained on first use with the shipped recipe's settings."""
+    from img_guidance.shapes.train_all import ShapesRecipe, train_aligner_on
+
+    final = run / "ablations" / name / "final"
+    if final.is_dir():
+        return final
+    report = json.loads((run / "train_all.json").read_text())
+    recipe = ShapesRecipe(**{**report["recipe"], "aligner_terms": tuple(report["recipe"]["aligner_terms"])})
+    cache = run / "features" if guidance == "detector" else features_for(run, guidance, recipe, log)
+    log(f"training the ablation aligner {name} ({guidance} guidance, lambda {lam}, terms {terms})")
+    train_aligner_on(cache, run / "ablations" / name, recipe, lam=lam, terms=terms)
+    return final
+
+
+def guidance_model(run: Path, guidance: str):
+    from img_guidance.guidance import load_guidance
+    from img_guidance.shapes.text_guidance import TextEmbeddingGuidance
+
+    if guidance == "text":
+        return TextEmbeddingGuidance.from_pretrained(run / "generator")
+    if guidance == "untrained":
+        return load_guidance(run / "detector_base")
+    return load_guidance(run / "detector")
+
+
+def features_for(run: Path, guidance: str, recipe, log) -> Path:
+    """The feature cache of the training pairs with another guidance model."""
+    from img_guidance.backends.shapes import ShapesBackend
+    from img_guidance.features.extract import extract_features
+    from img_guidance.guidance.questions import QUESTIONS
+    from img_guidance.shapes.text_guidance import PROMPT_ONLY
+
+    out = run / "ablations" / f"features_{guidance}"
+    if (out / "manifest.json").is_file():
+        return out
+    log(f"extracting features with {guidance} guidance into {out}")
+    extract_features(
+        run / "data" / "pairs.parquet",
+        out,
+        image_encoder=ShapesBackend.from_pretrained(run / "generator"),
+        guidance=guidance_model(run, guidance),
+        questions=PROMPT_ONLY if guidance == "text" else QUESTIONS,
+        seed=recipe.seed,
+        batch_size=64,
+        dtype="float16",
+        progress=False,
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--run", type=Path, required=True, help="a finished `img-guidance shapes train-all` folder"
+    )
+    parser.add_argument("--split", choices=("test", "validation"), default="test")
+    parser.add_argument("--per-category", type=int, default=50)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--skip-ablations", action="store_true", help="base, IMG and the two re-generations only"
+    )
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+
+    import torch
+
+    from img_guidance.aligner import load_aligner
+    from img_guidance.backends.shapes import ShapesBackend
+    from img_guidance.guidance.questions import QUESTIONS
+    from img_guidance.pipeline import IMGPipeline
+    from img_guidance.shapes.grammar import describe
+    from img_guidance.shapes.judge import Report, judge, win_tie_loss
+    from img_guidance.shapes.scoring import report_dict
+    from img_guidance.shapes.text_guidance import PROMPT_ONLY
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    run = args.run
+    scenes = prompt_set(
+        args.split, args.per_category, json.loads((run / "train_all.json").read_text())["recipe"]["seed"]
+    )
+    prompts = [describe(s) for s in scenes for _ in range(args.seeds)]
+    seeds = [k for _ in scenes for k in range(args.seeds)]
+    specs = [s for s in scenes for _ in range(args.seeds)]
+    log(f"{len(scenes)} {args.split} scenes x {args.seeds} seeds = {len(prompts)} images per system")
+    backend = ShapesBackend.from_pretrained(run / "generator")
+    detector = guidance_model(run, "detector")
+
+    def batched(fn, *lists):
+        out = []
+        for i in range(0, len(lists[0]), args.batch_size):
+            out += fn(*(x[i : i + args.batch_size] for x in lists))
+        return out
+
+    systems: dict[str, list] = {}
+    torch.manual_seed(0)
+    systems["base"] = batched(lambda p, s: backend.generate(p, s), prompts, seeds)
+
+    def img(aligner_dir: Path, guidance, questions=QUESTIONS, *, rounds=1, passes=3) -> list[list]:
+        pipe = IMGPipeline(
+            backend=backend, guidance=guidance, aligner=load_aligner(aligner_dir), questions=questions
+        )
+        per_round: list[list] = [[] for _ in range(rounds)]
+        for i in range(0, len(prompts), args.batch_size):
+            sl = slice(i, i + args.batch_size)
+            out = pipe(
+                prompts[sl], seeds[sl], rounds=rounds, passes=passes, initial_images=systems["base"][sl]
+            )
+            for r in range(rounds):
+                per_round[r] += out.rounds[r].calibrated
+        return per_round
+
+    shipped = run / "aligner"
+    one, two = img(shipped, detector, rounds=2)
+    systems["IMG (1 round, 3 passes)"] = one
+    systems["IMG (2 rounds)"] = two
+    systems["another seed"] = batched(
+        lambda p, s: backend.generate(p, [x + OTHER_SEED_OFFSET for x in s]), prompts, seeds
+    )
+    systems["unaligned tokens (0 passes)"] = img(shipped, detector, passes=0)[0]
+    if not args.skip_ablations:
+        ablations = {
+            "text-embedding guidance": dict(guidance="text", lam=1.0, terms=["dpo", "spin"]),
+            "untrained detector": dict(guidance="untrained", lam=1.0, terms=["dpo", "spin"]),
+            "L_base only (lambda 0)": dict(guidance="detector", lam=0.0, terms=[]),
+            "L_base + DPO": dict(guidance="detector", lam=1.0, terms=["dpo"]),
+            "lambda 0.5": dict(guidance="detector", lam=0.5, terms=["dpo", "spin"]),
+            "lambda 2": dict(guidance="detector", lam=2.0, terms=["dpo", "spin"]),
+        }
+        for label, spec in ablations.items():
+            name = label.split(" (")[0].replace(" ", "_").replace("+", "plus").lower()
+            aligner = ablation_aligner(run, name, log=log, **spec)
+            guidance = guidance_model(run, spec["guidance"])
+            questions = PROMPT_ONLY if spec["guidance"] == "text" else QUESTIONS
+            systems[label] = img(aligner, guidance, questions)[0]
+            log(f"{label}: done")
+
+    verdicts = {
+        name: [judge(im, spec) for im, spec in zip(images, specs, strict=True)]
+        for name, images in systems.items()
+    }
+    reports = {name: Report(v) for name, v in verdicts.items()}
+    categories = list(reports["base"].per_category)
+    print(f"## ShapesWorld: judge accuracy on {len(scenes)} {args.split} scenes x {args.seeds} seeds")
+    print()
+    print("| system | " + " | ".join(categories) + " | overall | vs base: win / tie / loss |")
+    print("|---|" + "---|" * (len(categories) + 2))
+    results = {}
+    for name, report in reports.items():
+        cells = []
+        for c in [*categories, "overall"]:
+            s = report.overall if c == "overall" else report.per_category[c]
+            low, high = s.interval
+            cells.append(f"{s.accuracy:.3f} [{low:.2f}, {high:.2f}]")
+        outcome = win_tie_loss(verdicts[name], verdicts["base"])
+        versus = "-" if name == "base" else f"{outcome.wins} / {outcome.ties} / {outcome.losses}"
+        print(f"| {name} | " + " | ".join(cells) + f" | {versus} |")
+        results[name] = {**report_dict(report), "vs_base": [outcome.wins, outcome.ties, outcome.losses]}
+    seconds = time.perf_counter() - start
+    print()
+    print(
+        f"{len(prompts)} images per system; 95% Wilson intervals; {seconds / 60:.1f} min on "
+        f"{torch.get_num_threads()} threads"
+    )
+    out = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "images_per_system": len(prompts),
+        "systems": results,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""Reproduce every ShapesWorld model from nothing, with the project's own code paths and fixed seeds.
+
+``img-guidance shapes train-all OUT`` runs, each stage resumable (a finished stage is skipped):
+
+1. ``generator``: the base diffusion model and its image-prompt adapter
+   (:func:`~img_guidance.shapes.train_generator.train_generator`) -> ``OUT/generator``.
+2. ``detector``: the world's tiny LLaVA (:func:`~img_guidance.shapes.detector.make_detector_base`,
+   ``OUT/detector_base``, kept for the untrained-detector ablation), finetuned by the detector recipe
+   (:func:`~img_guidance.recipes.finetune_detector.finetune`) on triplets the world writes in the
+   InstructPix2Pix schema (``OUT/data/triplets.parquet``) -> ``OUT/detector``.
+3. ``pairs``: two generations per training prompt, labelled by the judge, in the Pick-a-Pic schema
+   (``OUT/data/pairs.parquet``).
+4. ``features``: the project's feature stage (:func:`~img_guidance.features.extract.extract_features`)
+   with the generator's image tokens and the detector's guidance -> ``OUT/features``.
+5. ``aligner``: the aligner recipe (:func:`~img_guidance.recipes.train_aligner.train`) on that cache
+   -> ``OUT/aligner``.
+
+``OUT/train_all.json`` records each stage's seconds and results. ``install`` copies the three
+models into the package (``img_guidance/shapes/weights``), where the demo and the ``shapes``
+presets find them. Prompts come from the training split of
+:func:`~img_guidance.shapes.train_generator.split_scenes` only; the validation split chooses
+hyper-parameters, the test split is the benchmark's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+MODELS = ("generator", "detector", "aligner")
+STAGES = ("generator", "detector", "pairs", "features", "aligner")
+PAIR_SEED_OFFSET = 1_000_000  # pair generations use seeds no benchmark uses
+
+
+@dataclass
+class ShapesRecipe:
+    """The settings of every stage (defaults: the shipped models)."""
+
+    seed: int = 0
+    # generator (stage 1)
+    generator_steps_base: int = 1600
+    generator_steps_adapter: int = 400
+    generator_batch: int = 32
+    # detector (stage 2)
+    triplets: int = 12000
+    detector_hidden: int = 96
+    detector_layers: int = 3
+    detector_steps: int = 1200
+    detector_batch: int = 24
+    detector_lr: float = 2e-3
+    detector_val_rows: int = 200
+    # pairs (stage 3)
+    pair_prompts: int = 3000
+    # aligner (stage 5)
+    aligner_depth: int = 2
+    aligner_heads: int = 4
+    aligner_head_dim: int = 16
+    aligner_steps: int = 3000
+    aligner_batch: int = 32
+    aligner_lr: float = 3e-4
+    aligner_lam: float = 1.0
+    aligner_k: int = 10
+    aligner_terms: tuple[str, ...] = ("dpo", "spin")
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> ShapesRecipe:
+        """Tiny settings that run every stage in about a minute (tests, smoke runs); the models
+        it makes are not the shipped quality."""
+        return cls(
+            seed=seed,
+            generator_steps_base=4,
+            generator_steps_adapter=2,
+            generator_batch=4,
+            triplets=48,
+            detector_hidden=64,
+            detector_layers=2,
+            detector_steps=3,
+            detector_batch=4,
+            detector_val_rows=8,
+            pair_prompts=24,
+            aligner_steps=6,
+            aligner_batch=4,
+        )
+
+
+def training_scenes(seed: int) -> list:
+    from img_guidance.shapes.train_generator import split_scenes
+
+    return split_scenes(seed)["train"]
+
+
+def balanced_scenes(scenes: list, count: int, seed: int) -> list:
+    """``count`` scenes drawn from ``scenes`` with the categories equally likely (a category picked
+    uniformly, then a scene in it), seeded."""
+    import numpy as np
+
+    from img_guidance.shapes.grammar import category
+
+    pools: dict[str, list] = {}
+    for scene in scenes:
+        pools.setdefault(category(scene), []).append(scene)
+    names = sorted(pools)
+    rng = np.random.default_rng([seed, 0xBA1])
+    picked = []
+    for _ in range(count):
+        pool = pools[names[int(rng.integers(len(names)))]]
+        picked.append(pool[int(rng.integers(len(pool)))])
+    return picked
+
+
+def _done(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def _publish(source: Path, dest: Path) -> None:
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    os.replace(tmp, dest)
+
+
+def stage_generator(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -> dict[str, Any]:
+    from img_guidance.shapes.train_generator import train_generator
+
+    return train_generator(
+        out / "generator",
+        seed=recipe.seed,
+        steps_base=recipe.generator_steps_base,
+        steps_adapter=recipe.generator_steps_adapter,
+        batch_size=recipe.generator_batch,
+        log=log,
+    )
+
+
+def stage_detector(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -> dict[str, Any]:
+    from img_guidance.recipes.finetune_detector import FinetuneConfig, finetune
+    from img_guidance.shapes.data import make_triplets, write_triplets
+    from img_guidance.shapes.detector import make_detector_base
+
+    base = out / "detector_base"
+    if not _done(base):
+        make_detector_base(
+            base, hidden_size=recipe.detector_hidden, layers=recipe.detector_layers, seed=recipe.seed
+        )
+    data = out / "data" / "triplets.parquet"
+    rows = make_triplets(training_scenes(recipe.seed), count=recipe.triplets, seed=recipe.seed)
+    write_triplets(data, rows)
+    log(f"wrote {len(rows)} triplets to {data}")
+    run = out / "detector_run"
+    shutil.rmtree(run, ignore_errors=True)
+    cfg = FinetuneConfig(
+        model=str(base),
+        data=str(data),
+        output_dir=str(run),
+        prompt_format="llava_v0",
+        question_seed=recipe.seed,
+        val_rows=recipe.detector_val_rows,
+        method="full",
+        freeze_vision=False,  # the world's vision tower starts random: it has to learn to see
+        batch_size=recipe.detector_batch,
+        max_steps=recipe.detector_steps,
+        lr=recipe.detector_lr,
+        warmup_ratio=0.05,
+        lr_scheduler="cosine",
+        seed=recipe.seed,
+        checkpoint_every=recipe.detector_steps,
+        keep_checkpoints=1,
+        log_every=max(1, recipe.detector_steps // 10),
+        eval_max_new_tokens=16,
+        eval_examples=8,
+        report_to=["tensorboard"],
+    )
+    summary = finetune(cfg)
+    _publish(Path(summary["final_dir"]), out / "detector")
+    evaluation = summary["evaluations"][-1] if summary["evaluations"] else {}
+    return {
+        "steps": summary["step"],
+        "held_out": {k: v for k, v in evaluation.items() if k.startswith("val/") or k == "samples"},
+        "examples": evaluation.get("examples", []),
+    }
+
+
+def stage_pairs(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -> dict[str, Any]:
+    from img_guidance.backends.shapes import ShapesBackend
+    from img_guidance.shapes.data import make_pairs, write_pairs
+
+    backend = ShapesBackend.from_pretrained(out / "generator")
+    scenes = balanced_scenes(training_scenes(recipe.seed), recipe.pair_prompts, recipe.seed)
+    base = PAIR_SEED_OFFSET + 2 * recipe.seed * recipe.pair_prompts
+    rows = make_pairs(
+        lambda prompts, seeds: backend.generate(prompts, seeds),
+        scenes,
+        seeds=lambda i: (base + 2 * i, base + 2 * i + 1),
+        progress=lambda done, total: log(f"pairs: {done}/{total} prompts generated and judged"),
+    )
+    ties = sum(r["label_0"] == r["label_1"] for r in rows)
+    if ties == len(rows):
+        raise RuntimeError(
+            f"the judge scored both images of every one of the {len(rows)} prompts alike: no preference "
+            "pair to train on (is the generator trained?)"
+        )
+    write_pairs(out / "data" / "pairs.parquet", rows)
+    return {"prompts": len(rows), "ties": ties, "pairs": len(rows) - ties}
+
+
+def stage_features(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -> dict[str, Any]:
+    from img_guidance.backends.shapes import ShapesBackend
+    from img_guidance.features.extract import extract_features
+    from img_guidance.guidance import load_guidance
+
+    shutil.rmtree(out / "features", ignore_errors=True)
+    manifest = extract_features(
+        out / "data" / "pairs.parquet",
+        out / "features",
+        image_encoder=ShapesBackend.from_pretrained(out / "generator"),
+        guidance=load_guidance(out / "detector"),
+        seed=recipe.seed,
+        batch_size=64,
+        dtype="float16",
+        progress=False,
+    )
+    return {"samples": manifest.get("samples"), "dims": manifest.get("dims")}
+
+
+def stage_aligner(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -> dict[str, Any]:
+    summary = train_aligner_on(
+        out / "features",
+        out / "aligner_run",
+        recipe,
+        lam=recipe.aligner_lam,
+        terms=list(recipe.aligner_terms),
+    )
+    _publish(Path(summary["final_dir"]), out / "aligner")
+    return {"steps": summary["step"], "validation": summary["validations"][-1:]}
+
+
+def train_aligner_on(
+    cache: Path, run: Path, recipe: ShapesRecipe, *, lam: float, terms: list[str], seed: int | None = None
+) -> dict[str, Any]:
+    """The aligner recipe on a ShapesWorld feature cache with the recipe's settings (the benchmark's
+    ablations change ``lam`` and ``terms``)."""
+    from img_guidance.recipes.train_aligner import TrainConfig, train
+
+    shutil.rmtree(run, ignore_errors=True)
+    cfg = TrainConfig(
+        output_dir=str(run),
+        cache_dir=str(cache),
+        val_fraction=0.05,
+        num_workers=0,
+        depth=recipe.aligner_depth,
+        heads=recipe.aligner_heads,
+        head_dim=recipe.aligner_head_dim,
+        ff_mult=2,
+        lam=lam,
+        k=recipe.aligner_k,
+        terms=terms,
+        max_steps=recipe.aligner_steps,
+        batch_size=recipe.aligner_batch,
+        lr=recipe.aligner_lr,
+        seed=recipe.seed if seed is None else seed,
+        checkpoint_every=recipe.aligner_steps,
+        keep_checkpoints=1,
+        log_every=max(1, recipe.aligner_steps // 10),
+        validate_every=max(1, recipe.aligner_steps // 3),
+        report_to=["tensorboard"],
+    )
+    return train(cfg)
+
+
+STAGE_FUNCTIONS = {
+    "generator": stage_generator,
+    "detector": stage_detector,
+    "pairs": stage_pairs,
+    "features": stage_features,
+    "aligner": stage_aligner,
+}
+
+
+def train_all(
+    out: str | os.PathLike,
+    *,
+    recipe: ShapesRecipe | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every stage not yet finished in ``out``; returns (and writes to ``out/train_all.json``)
+    each stage's seconds and results."""
+    import torch
+
+    recipe = recipe or ShapesRecipe()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report_path = out / "train_all.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    settings = json.loads(json.dumps(asdict(recipe)))
+    if report.get("recipe", settings) != settings:
+        raise ValueError(f"{out} holds a run with other settings ({report_path}); give a new folder")
+    report["recipe"] = settings
+    report.setdefault("stages", {})
+    report["threads"] = torch.get_num_threads()
+    for name in STAGES:
+        if name in report["stages"]:
+            log(f"[{name}] done before ({report['stages'][name]['seconds']:.0f} s), skipped")
+            continue
+        log(f"[{name}] ...")
+        start = time.perf_counter()
+        result = STAGE_FUNCTIONS[name](out, recipe, log)
+        seconds = time.perf_counter() - start
+        report["stages"][name] = {"seconds": seconds, "result": json.loads(json.dumps(result, default=str))}
+        report["total_seconds"] = sum(s["seconds"] for s in report["stages"].values())
+        tmp = report_path.with_name(f".{report_path.name}.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, report_path)
+        log(f"[{name}] done in {seconds:.0f} s")
+    return report
+
+
+def install(out: str | os.PathLike, dest: str | os.PathLike = WEIGHTS) -> Path:
+    """Copy the generator, detector and aligner of a finished ``train_all`` folder into ``dest``
+    (default: the package's weights, which the demo and presets load), with the run's report."""
+    out, dest = Path(out), Path(dest)
+    missing = [name for name in MODELS if not _done(out / name)]
+    if missing:
+        raise FileNotFoundError(f"{out} has no finished {', '.join(missing)}: run train-all first")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in MODELS:
+        _publish(out / name, dest / name)
+    shutil.copy2(out / "train_all.json", dest / "train_all.json")
+    return dest

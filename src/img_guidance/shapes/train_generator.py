@@ -1,0 +1,651 @@
+"""Training the world's text-to-image model and its image-prompt adapter, on a CPU.
+
+Two flat stages, seeded and deterministic on the CPU (:func:`train_generator`):
+
+1. **Base generator.** The text encoder and the UNet learn v-prediction (cosine schedule, Min-SNR-5
+   weighting) on fresh renders of scenes drawn from the training split, a category uniformly and then
+   a scene, with 10% of prompts dropped to "" for classifier-free guidance. EMA weights are kept.
+2. **Image-prompt adapter.** The UNet and the text encoder are frozen; the image encoder, the
+   ``ImageProjection`` and the IP processors' ``to_k_ip`` / ``to_v_ip`` learn the same denoising
+   objective with image tokens added, IP-Adapter style: the encoded image is ANOTHER render of the
+   target's scene (a different layout, blurred and noised like a generated image), so the tokens carry
+   what the scene is, not its pixels. 10% of prompts and 30% of images are dropped (image dropped:
+   the tokens of the empty background image, the negative tokens used for guidance).
+
+The base model is meant to follow prompts imperfectly, as real models do. Its difficulty is shaped by
+the split (:func:`split_scenes`): two colour-shape kinds never appear in two-group scenes during
+training (they do appear alone and in single-group counts), so attribute binding, counting and
+relations with them are unseen combinations; of the other combinations 10% are held out for
+validation and 10% for test. And by the budget: a 2.5M-parameter UNet and ~25 minutes of CPU
+(AdamW at 1e-3 with warm-up and cosine decay, batch 32, bfloat16 autocast: 1.7x faster on CPUs with
+AVX512-BF16 / AMX; pass ``mixed_precision="no"`` on others). The adapter's images span the whole
+world by default (``adapter_scenes="all"``): like a real IP-Adapter, it has seen images of everything,
+and the held-out split tests the text pathway.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from img_guidance.shapes.grammar import (
+    CATEGORIES,
+    COLOURS,
+    INVERSE_RELATIONS,
+    SHAPES,
+    SceneSpec,
+    all_scenes,
+    category,
+    describe,
+)
+from img_guidance.shapes.judge import judge_many
+from img_guidance.shapes.models import (
+    GUIDANCE_SCALE,
+    SAMPLING_STEPS,
+    ShapesWorldPipeline,
+    background_image,
+    ip_processors,
+    to_pixels,
+)
+from img_guidance.shapes.render import PlacedObject, degrade, draw, render, render_with_layout
+
+DEFAULT_STEPS_BASE = 1600
+DEFAULT_STEPS_ADAPTER = 400
+DEFAULT_BATCH_SIZE = 32
+TEXT_DROPOUT = 0.1  # stage 1: the unconditional model for classifier-free guidance
+# stage 2: half the prompts are dropped so that the tokens alone must say what the scene is; with 10%
+# (IP-Adapter's own rate, fine after 1M steps on CLIP features) 400 steps left the tokens of all images
+# nearly equal and the adapter without effect
+ADAPTER_TEXT_DROPOUT = 0.5
+IMAGE_DROPOUT = 0.3
+SNR_GAMMA = 5.0  # stage 1: Min-SNR-5; plain v-MSE weights the noisiest steps so much that colours smear
+# stage 2: plain v-MSE. What the tokens add (which objects) is decided at high noise, where Min-SNR
+# weighs the loss by ~SNR: with it the adapter's loss hardly moved in 600 steps
+ADAPTER_SNR_GAMMA = None
+
+
+# ---------------------------------------------------------------------------------------------
+# scenes
+
+
+def _meaning_key(spec: SceneSpec) -> tuple:
+    """Scenes that ask the same of an image share a key: "a and b" = "b and a", "a left of b" = "b
+    right of a". A whole meaning goes to one split."""
+    relation = spec.relation
+    if relation in ("right of", "below"):
+        relation = (spec.objects[1], INVERSE_RELATIONS[relation], spec.objects[0])
+    elif relation is not None:
+        relation = (spec.objects[0], relation, spec.objects[1])
+    return frozenset(spec.objects), relation
+
+
+def held_out_kinds(seed: int = 0, *, count: int = 2) -> list[tuple[str, str]]:
+    """``count`` (colour, shape) kinds drawn from ``seed``, no two sharing a colour or a shape: the
+    kinds that never appear in a two-group training scene (see :func:`split_scenes`)."""
+    if not 0 <= count <= min(len(COLOURS), len(SHAPES)):
+        raise ValueError(f"count must lie in [0, {min(len(COLOURS), len(SHAPES))}], got {count}")
+    rng = np.random.default_rng(seed)
+    kinds: list[tuple[str, str]] = []
+    for index in rng.permutation(len(COLOURS) * len(SHAPES)):
+        colour, shape = COLOURS[index // len(SHAPES)], SHAPES[index % len(SHAPES)]
+        if len(kinds) < count and all(colour != c and shape != s for c, s in kinds):
+            kinds.append((colour, shape))
+    return kinds
+
+
+def split_scenes(
+    seed: int = 0, *, held_out: int = 2, held_out_fraction: float = 0.1
+) -> dict[str, list[SceneSpec]]:
+    """Disjoint ``"train"``, ``"validation"`` and ``"test"`` scene lists (each in :func:`all_scenes`
+    order; together all scenes).
+
+    The ``held_out`` kinds of :func:`held_out_kinds` never appear in a two-group training scene: every
+    such scene goes to validation or test, half and half. Of the other meanings (the two word orders
+    of a pair go together), per category, ``held_out_fraction`` go to validation and as many to test
+    (at least one each); single objects of the held-out kinds stay in training, so those kinds are
+    known and only their combinations are new.
+    """
+    if not 0 <= held_out_fraction < 0.5:
+        raise ValueError(f"held_out_fraction must lie in [0, 0.5), got {held_out_fraction}")
+    kinds = held_out_kinds(seed, count=held_out)
+    rng = np.random.default_rng([seed, 1])
+    meanings: dict[tuple, list[SceneSpec]] = {}
+    for spec in all_scenes():
+        meanings.setdefault(_meaning_key(spec), []).append(spec)
+    side: dict[tuple, str] = {}
+    for name in CATEGORIES:
+        keys = [k for k, specs in meanings.items() if category(specs[0]) == name]
+        unseen = [k for k in keys if len(meanings[k][0].objects) == 2 and _has_kind(meanings[k][0], kinds)]
+        for i, j in enumerate(rng.permutation(len(unseen))):
+            side[unseen[j]] = "validation" if i % 2 == 0 else "test"
+        seen = [k for k in keys if k not in side]
+        candidates = [
+            seen[j] for j in rng.permutation(len(seen)) if not _has_kind(meanings[seen[j]][0], kinds)
+        ]
+        count = max(1, round(held_out_fraction * len(seen))) if held_out_fraction > 0 else 0
+        for k in candidates[:count]:
+            side[k] = "validation"
+        for k in candidates[count : 2 * count]:
+            side[k] = "test"
+    splits: dict[str, list[SceneSpec]] = {"train": [], "validation": [], "test": []}
+    for spec in all_scenes():
+        splits[side.get(_meaning_key(spec), "train")].append(spec)
+    return splits
+
+
+def _has_kind(spec: SceneSpec, kinds: Sequence[tuple[str, str]]) -> bool:
+    return any((o.colour, o.shape) in kinds for o in spec.objects)
+
+
+def by_category(scenes: Sequence[SceneSpec]) -> dict[str, list[SceneSpec]]:
+    """Scenes grouped by category, categories in ``CATEGORIES`` order, empty ones left out."""
+    groups = {name: [s for s in scenes if category(s) == name] for name in CATEGORIES}
+    return {name: specs for name, specs in groups.items() if specs}
+
+
+def sample_scenes(pool: dict[str, list[SceneSpec]], rng: np.random.Generator, n: int) -> list[SceneSpec]:
+    """``n`` scenes: a category uniformly among ``pool``'s, then a scene uniformly in it."""
+    names = list(pool)
+    picks = []
+    for _ in range(n):
+        specs = pool[names[int(rng.integers(len(names)))]]
+        picks.append(specs[int(rng.integers(len(specs)))])
+    return picks
+
+
+def render_scenes(
+    scenes: Sequence[SceneSpec], rng: np.random.Generator
+) -> tuple[list[Image.Image], list[list[PlacedObject]]]:
+    """A fresh render of each scene (layouts drawn from ``rng``), and where its objects went."""
+    images, layouts = [], []
+    for spec in scenes:
+        image, objects = render_with_layout(spec, seed=rng)
+        images.append(image)
+        layouts.append(objects)
+    return images, layouts
+
+
+def reference_images(
+    scenes: Sequence[SceneSpec],
+    layouts: Sequence[list[PlacedObject]],
+    rng: np.random.Generator,
+    *,
+    same_layout: float = 0.5,
+    jitter: float = 1.5,
+    noise: float = 12.0,
+    blur: float = 0.8,
+) -> list[Image.Image]:
+    """The images the adapter encodes in stage 2, one per target: with probability ``same_layout`` the
+    target's own objects each moved by up to ``jitter`` px, else a fresh render of its scene (another
+    layout); then blurred and noised by up to ``blur`` px and ``noise`` (as generated images are)."""
+    images = []
+    for spec, objects in zip(scenes, layouts, strict=True):
+        if rng.random() < same_layout:
+            shifts = rng.uniform(-jitter, jitter, size=(len(objects), 2))
+            moved = [
+                replace(o, cx=o.cx + dx, cy=o.cy + dy) for o, (dx, dy) in zip(objects, shifts, strict=True)
+            ]
+            image = draw(moved)
+        else:
+            image = render(spec, seed=rng)
+        images.append(
+            degrade(image, rng=rng, noise=float(rng.uniform(0, noise)), blur=float(rng.uniform(0, blur)))
+        )
+    return images
+
+
+# ---------------------------------------------------------------------------------------------
+# the objective
+
+
+def diffusion_inputs(
+    scheduler: Any, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy sample, v target, SNR per sample [B]) of clean samples [B, C, H, W] at ``timesteps`` [B]."""
+    alphas = scheduler.alphas_cumprod.to(clean.device)[timesteps]  # [B]
+    noisy = scheduler.add_noise(clean, noise, timesteps)
+    target = scheduler.get_velocity(clean, noise, timesteps)
+    return noisy, target, alphas / (1 - alphas)
+
+
+def diffusion_loss(
+    prediction: torch.Tensor, target: torch.Tensor, snr: torch.Tensor, *, snr_gamma: float | None
+) -> torch.Tensor:
+    """Min-SNR-gamma weighted MSE of a v-prediction: the mean over samples of
+    ``mean((prediction - target)^2) * min(snr, gamma) / (snr + 1)`` (Hang et al., 2023; for v the
+    weight is divided by snr + 1); plain MSE with ``snr_gamma=None``. prediction, target [B, ...],
+    snr [B] -> a scalar."""
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)  # [B]
+    if snr_gamma is None:
+        return per_sample.mean()
+    weight = snr.clamp(max=snr_gamma) / (snr + 1)
+    return (weight * per_sample).mean()
+
+
+def denoising_loss(
+    pipe: ShapesWorldPipeline,
+    pixels: torch.Tensor,
+    prompts: Sequence[str],
+    generator: torch.Generator,
+    *,
+    image_tokens: torch.Tensor | None = None,
+    snr_gamma: float | None = SNR_GAMMA,
+) -> torch.Tensor:
+    """The training loss on clean images [B, 3, 32, 32] with their prompts (and image tokens for the
+    adapter stage): noise and timesteps drawn from ``generator``, one UNet pass."""
+    batch = pixels.shape[0]
+    noise = torch.randn(pixels.shape, generator=generator)
+    timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (batch,), generator=generator)
+    noisy, target, snr = diffusion_inputs(pipe.scheduler, pixels, noise, timesteps)
+    text, mask = pipe.encode_prompts(prompts)
+    prediction = pipe.denoise(noisy, timesteps, text, mask, image_tokens)
+    return diffusion_loss(prediction, target, snr, snr_gamma=snr_gamma)
+
+
+def adapter_loss(
+    pipe: ShapesWorldPipeline,
+    pixels: torch.Tensor,
+    prompts: Sequence[str],
+    full_prompts: Sequence[str],
+    image_tokens: torch.Tensor,
+    keep: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Stage 2's loss: plain v-MSE to the truth, plus, where the prompt was dropped and the image kept,
+    v-MSE to the base model's own prediction given the full prompt (no adapter): a noise-free target
+    for what the tokens must say, so that the adapter learns in hundreds of steps, not 100k. Inputs as
+    :func:`denoising_loss`; ``full_prompts`` the prompts before dropping, ``keep`` [B] bool."""
+    batch = pixels.shape[0]
+    noise = torch.randn(pixels.shape, generator=generator)
+    timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (batch,), generator=generator)
+    noisy, target, snr = diffusion_inputs(pipe.scheduler, pixels, noise, timesteps)
+    text, mask = pipe.encode_prompts(prompts)
+    prediction = pipe.denoise(noisy, timesteps, text, mask, image_tokens)
+    loss = diffusion_loss(prediction, target, snr, snr_gamma=ADAPTER_SNR_GAMMA)
+    taught = keep & torch.tensor([p == "" for p in prompts])
+    if taught.any():
+        rows = taught.nonzero()[:, 0]
+        scales = [p.scale for p in ip_processors(pipe.unet)]
+        pipe.set_ip_scale(0.0)  # the teacher is the base model
+        with torch.no_grad():
+            teacher_text, teacher_mask = pipe.encode_prompts([full_prompts[i] for i in rows.tolist()])
+            teacher = pipe.denoise(
+                noisy[rows], timesteps[rows], teacher_text, teacher_mask, image_tokens[rows]
+            )
+        for processor, scale in zip(ip_processors(pipe.unet), scales, strict=True):
+            processor.scale = scale
+        loss = loss + diffusion_loss(prediction[rows], teacher, snr[rows], snr_gamma=ADAPTER_SNR_GAMMA)
+    return loss
+
+
+def adapter_tokens(pipe: ShapesWorldPipeline, references: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Image tokens for the adapter stage: those of ``references`` [B, 3, 32, 32] where ``keep`` [B]
+    is True, else the negative tokens (of the empty background image) -> [B, N, 64]."""
+    tokens = pipe.image_tokens(references)  # [B, N, D]
+    negative = pipe.image_tokens(to_pixels([background_image()]))  # [1, N, D]
+    return torch.where(keep[:, None, None], tokens, negative)
+
+
+def _drop(prompts: Sequence[SceneSpec], rng: np.random.Generator, p: float) -> list[str]:
+    return [describe(s) if rng.random() >= p else "" for s in prompts]
+
+
+# ---------------------------------------------------------------------------------------------
+# the two stages
+
+
+def train_base(
+    pipe: ShapesWorldPipeline,
+    scenes: Sequence[SceneSpec],
+    *,
+    steps: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = 1e-3,
+    seed: int = 0,
+    ema_decay: float = 0.999,
+    log: Callable[[str], None] = print,
+    log_every: int = 100,
+    mixed_precision: str = "bf16",
+) -> dict[str, Any]:
+    """Stage 1: train the text encoder and the UNet (no adapter) on renders of ``scenes``; the EMA
+    weights are copied in at the end. Returns {"seconds", "loss" (mean of the last tenth of steps),
+    "losses" (per step)}."""
+    if pipe.has_adapter:
+        raise ValueError("stage 1 trains a base model; this pipeline already has an adapter")
+    params = [p for m in (pipe.text_encoder, pipe.unet) for p in m.parameters()]
+    return _train(
+        pipe,
+        "base",
+        params,
+        by_category(scenes),
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        ema_decay=ema_decay,
+        log=log,
+        log_every=log_every,
+        mixed_precision=mixed_precision,
+    )
+
+
+def train_adapter(
+    pipe: ShapesWorldPipeline,
+    scenes: Sequence[SceneSpec],
+    *,
+    steps: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = 1e-3,
+    seed: int = 0,
+    ema_decay: float = 0.999,
+    log: Callable[[str], None] = print,
+    log_every: int = 100,
+    mixed_precision: str = "bf16",
+) -> dict[str, Any]:
+    """Stage 2: with the text encoder and the UNet's own weights frozen, train the image encoder, the
+    projection and the IP processors' ``to_k_ip`` / ``to_v_ip`` (IP scale 1). Returns as
+    :func:`train_base`."""
+    if not pipe.has_adapter:
+        raise ValueError("stage 2 trains the image-prompt adapter; add one first (add_ip_adapter)")
+    pipe.text_encoder.requires_grad_(False)
+    pipe.unet.requires_grad_(False)
+    params = [*pipe.image_encoder.parameters(), *pipe.image_projection.parameters()]
+    for processor in ip_processors(pipe.unet):
+        params += list(processor.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    pipe.set_ip_scale(1.0)
+    try:
+        return _train(
+            pipe,
+            "adapter",
+            params,
+            by_category(scenes),
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            ema_decay=ema_decay,
+            log=log,
+            log_every=log_every,
+            mixed_precision=mixed_precision,
+        )
+    finally:
+        pipe.set_ip_scale(0.0)
+
+
+def _train(
+    pipe: ShapesWorldPipeline,
+    stage: str,
+    params: list[torch.nn.Parameter],
+    pool: dict[str, list[SceneSpec]],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    ema_decay: float,
+    log: Callable[[str], None],
+    log_every: int,
+    mixed_precision: str,
+) -> dict[str, Any]:
+    """The loop both stages share: sample scenes, render, one denoising loss, AdamW with warmup and
+    cosine decay, EMA of ``params``."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    if mixed_precision not in ("bf16", "no"):
+        raise ValueError(f"mixed_precision must be 'bf16' or 'no', got {mixed_precision!r}")
+    if steps < 0 or batch_size < 1:
+        raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {steps} and {batch_size}")
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(100, steps // 10), max(steps, 1))
+    # EMA warm-up (power 3/4): the decay grows to ema_decay over ~10k steps, so short runs average little
+    ema = EMAModel(params, decay=ema_decay, use_ema_warmup=True, power=3 / 4)
+    for module in pipe.modules().values():
+        module.train()
+    losses: list[float] = []
+    start = last = time.perf_counter()
+    for step in range(1, steps + 1):
+        specs = sample_scenes(pool, rng, batch_size)
+        images, layouts = render_scenes(specs, rng)
+        pixels = to_pixels(images)
+        prompts = _drop(specs, rng, TEXT_DROPOUT if stage == "base" else ADAPTER_TEXT_DROPOUT)
+        if stage == "adapter":
+            references = to_pixels(reference_images(specs, layouts, rng))
+            keep = torch.from_numpy(rng.random(batch_size) >= IMAGE_DROPOUT)
+        with torch.autocast(pipe.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+            if stage == "base":
+                loss = denoising_loss(pipe, pixels, prompts, generator)
+            else:
+                tokens = adapter_tokens(pipe, references, keep)
+                full = [describe(s) for s in specs]
+                loss = adapter_loss(pipe, pixels, prompts, full, tokens, keep, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        ema.step(params)
+        losses.append(loss.item())
+        if step % log_every == 0 or step == steps:
+            now = time.perf_counter()
+            recent = losses[-log_every:]
+            log(
+                f"[{stage}] step {step}/{steps}  loss {sum(recent) / len(recent):.4f}  "
+                f"lr {schedule.get_last_lr()[0]:.2e}  {now - start:.0f} s "
+                f"({(now - last) / len(recent):.2f} s/step)"
+            )
+            last = now
+    ema.copy_to(params)
+    pipe.eval()
+    tail = losses[-max(1, steps // 10) :] if losses else [math.nan]
+    return {"seconds": time.perf_counter() - start, "loss": sum(tail) / len(tail), "losses": losses}
+
+
+def train_generator(
+    output_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    steps_base: int = DEFAULT_STEPS_BASE,
+    steps_adapter: int = DEFAULT_STEPS_ADAPTER,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr_base: float = 1e-3,
+    lr_adapter: float = 1e-3,
+    adapter_scenes: str = "all",
+    unet: dict[str, Any] | None = None,
+    base_model: str | os.PathLike | None = None,
+    mixed_precision: str = "bf16",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train the base generator, then its adapter, and save the model folder to ``output_dir`` (see
+    :mod:`img_guidance.shapes.models`), with ``training.json`` (settings, split, timings, losses).
+
+    ``adapter_scenes``: the scenes stage 2 renders, ``"all"`` (default) or ``"train"``. ``unet``
+    overrides keys of :func:`~img_guidance.shapes.models.unet_config`. ``base_model``: a model folder
+    whose base (text encoder, UNet) to start from instead of stage 1 (``steps_base`` and ``unet`` are
+    then ignored; any adapter in it is not loaded). The defaults take about 25 minutes of one busy CPU
+    core (less on two free ones). Returns {"seconds": {"base", "adapter", "total"}, "loss": {"base",
+    "adapter"}, "folder"}.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise FileExistsError(f"{output_dir} exists and is not empty; give a new folder")
+    if adapter_scenes not in ("all", "train"):
+        raise ValueError(f"adapter_scenes must be 'all' or 'train', got {adapter_scenes!r}")
+    start = time.perf_counter()
+    splits = split_scenes(seed)
+    unseen = [f"{c} {s}" for c, s in held_out_kinds(seed)]
+    log(
+        f"scenes: {len(splits['train'])} train, {len(splits['validation'])} validation, "
+        f"{len(splits['test'])} test; never in two-group training scenes: {', '.join(unseen)}"
+    )
+    if base_model is None:
+        pipe = ShapesWorldPipeline.build(seed=seed, unet=unet)
+    else:
+        pipe = ShapesWorldPipeline.from_pretrained(base_model, adapter=False)
+    log(f"base model: UNet {_millions(pipe.unet)}M, text encoder {_millions(pipe.text_encoder)}M parameters")
+    if base_model is None:
+        base = train_base(
+            pipe,
+            splits["train"],
+            steps=steps_base,
+            batch_size=batch_size,
+            lr=lr_base,
+            seed=seed,
+            log=log,
+            mixed_precision=mixed_precision,
+        )
+    else:
+        log(f"stage 1 skipped: the base model of {base_model}")
+        base = {"seconds": 0.0, "loss": math.nan, "losses": []}
+    pipe.add_ip_adapter(seed=seed + 1)
+    log(f"adapter: image encoder {_millions(pipe.image_encoder)}M parameters")
+    adapter_pool = all_scenes() if adapter_scenes == "all" else splits["train"]
+    adapter = train_adapter(
+        pipe,
+        adapter_pool,
+        steps=steps_adapter,
+        batch_size=batch_size,
+        lr=lr_adapter,
+        seed=seed + 1,
+        log=log,
+        mixed_precision=mixed_precision,
+    )
+    # written next to the destination, then moved into place: a folder is complete or absent
+    staging = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging)
+    total = time.perf_counter() - start
+    summary = {
+        "seconds": {"base": base["seconds"], "adapter": adapter["seconds"], "total": total},
+        "loss": {"base": base["loss"], "adapter": adapter["loss"]},
+    }
+    record = {
+        "settings": dict(
+            seed=seed,
+            steps_base=steps_base,
+            steps_adapter=steps_adapter,
+            batch_size=batch_size,
+            lr_base=lr_base,
+            lr_adapter=lr_adapter,
+            adapter_scenes=adapter_scenes,
+            unet=unet or {},
+            base_model=None if base_model is None else os.fspath(base_model),
+            mixed_precision=mixed_precision,
+            text_dropout=TEXT_DROPOUT,
+            adapter_text_dropout=ADAPTER_TEXT_DROPOUT,
+            image_dropout=IMAGE_DROPOUT,
+            snr_gamma=SNR_GAMMA,
+            adapter_snr_gamma=ADAPTER_SNR_GAMMA,
+        ),
+        "split": {k: len(v) for k, v in splits.items()} | {"held_out_kinds": unseen},
+        **summary,
+        "losses": {"base": base["losses"], "adapter": adapter["losses"]},
+    }
+    (staging / "training.json").write_text(json.dumps(record) + "\n")
+    if output_dir.exists():
+        output_dir.rmdir()  # empty, checked above
+    os.replace(staging, output_dir)
+    log(f"saved {output_dir} in {total:.0f} s")
+    return {**summary, "folder": str(output_dir)}
+
+
+def _millions(module: torch.nn.Module) -> str:
+    return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _report(verdicts_report) -> dict[str, Any]:
+    def stats(s) -> dict[str, Any]:
+        lo, hi = s.interval
+        return {"n": s.n, "accuracy": s.accuracy, "interval": [lo, hi], "undecidable": s.undecidable}
+
+    return {
+        "per_category": {c: stats(s) for c, s in verdicts_report.per_category.items()},
+        "overall": stats(verdicts_report.overall),
+    }
+
+
+def evaluate_generator(
+    folder: str | os.PathLike | ShapesWorldPipeline,
+    scenes: Sequence[SceneSpec],
+    seeds: Sequence[int],
+    *,
+    steps: int = SAMPLING_STEPS,
+    guidance_scale: float = GUIDANCE_SCALE,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """The judge's accuracy of plain generation: one image per scene and seed. Returns
+    {"per_category": {category: {"n", "accuracy", "interval", "undecidable"}}, "overall": {...},
+    "seconds", "markdown"}."""
+    pipe = folder if isinstance(folder, ShapesWorldPipeline) else ShapesWorldPipeline.from_pretrained(folder)
+    start = time.perf_counter()
+    jobs = [(spec, seed) for spec in scenes for seed in seeds]
+    images = []
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i : i + batch_size]
+        generators = [torch.Generator().manual_seed(int(seed)) for _, seed in chunk]
+        images += pipe(
+            [describe(s) for s, _ in chunk], generators, steps=steps, guidance_scale=guidance_scale
+        )
+    report = judge_many(images, [spec for spec, _ in jobs])
+    return {**_report(report), "seconds": time.perf_counter() - start, "markdown": report.to_markdown()}
+
+
+def evaluate_reconstruction(
+    folder: str | os.PathLike | ShapesWorldPipeline,
+    scenes: Sequence[SceneSpec],
+    seeds: Sequence[int],
+    *,
+    ip_scales: Sequence[float] = (0.0, 0.3, 0.6, 1.0),
+    steps: int = SAMPLING_STEPS,
+    guidance_scale: float = GUIDANCE_SCALE,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """How well image tokens steer generation: for each scene and seed, generate from the prompt and
+    the tokens of a correct render (render seed ``10_000 + seed``, so not the generation's own
+    layout) at each IP scale, and judge. Returns {ip_scale: like :func:`evaluate_generator`}."""
+    pipe = folder if isinstance(folder, ShapesWorldPipeline) else ShapesWorldPipeline.from_pretrained(folder)
+    jobs = [(spec, seed) for spec in scenes for seed in seeds]
+    negative = pipe.encode_images([background_image()])
+    results = {}
+    for scale in ip_scales:
+        start = time.perf_counter()
+        images = []
+        for i in range(0, len(jobs), batch_size):
+            chunk = jobs[i : i + batch_size]
+            tokens = pipe.encode_images([render(s, seed=10_000 + int(seed)) for s, seed in chunk])
+            generators = [torch.Generator().manual_seed(int(seed)) for _, seed in chunk]
+            images += pipe(
+                [describe(s) for s, _ in chunk],
+                generators,
+                image_tokens=tokens,
+                negative_image_tokens=negative,
+                ip_scale=scale,
+                steps=steps,
+                guidance_scale=guidance_scale,
+            )
+        report = judge_many(images, [spec for spec, _ in jobs])
+        results[float(scale)] = {
+            **_report(report),
+            "seconds": time.perf_counter() - start,
+            "markdown": report.to_markdown(),
+        }
+    return results

@@ -1,0 +1,109 @@
+"""ShapesWorld's whole training path at tiny settings: every stage through the project's own code,
+then the models loading as a pipeline, generate and judge through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from img_guidance.aligner import load_aligner
+from img_guidance.data.pairs import iter_pairs
+from img_guidance.guidance import load_guidance
+from img_guidance.shapes.train_all import STAGES, ShapesRecipe, install, train_all
+
+
+def render_or_miss(self, prompts, seeds, **kwargs):
+    """A stand-in for a 4-step generator (whose images the judge scores all alike, so every pair
+    would tie): odd seeds draw the prompt, even seeds a near miss of it."""
+    from img_guidance.shapes.grammar import near_misses, parse
+    from img_guidance.shapes.render import render
+
+    return [
+        render(parse(p) if s % 2 else near_misses(parse(p))[0], seed=s)
+        for p, s in zip(prompts, seeds, strict=True)
+    ]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from img_guidance.backends.shapes import ShapesBackend
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("shapes") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ShapesBackend, "generate", render_or_miss)
+        train_all(out, recipe=ShapesRecipe.quick(), log=lambda line: None)
+    return out
+
+
+def test_every_stage_runs_and_records_its_time(run):
+    report = json.loads((run / "train_all.json").read_text())
+    assert list(report["stages"]) == list(STAGES)
+    assert all(stage["seconds"] > 0 for stage in report["stages"].values())
+    pairs = list(iter_pairs(run / "data" / "pairs.parquet"))
+    assert len(pairs) == report["stages"]["pairs"]["result"]["pairs"]
+    assert report["stages"]["pairs"]["result"]["prompts"] == 24
+    detector = load_guidance(run / "detector")
+    assert detector.prompt_format == "llava_v0" and detector.hidden_size == 64
+    aligner = load_aligner(run / "aligner")
+    assert (aligner.config.guidance_dim, aligner.config.image_dim) == (64, 64)
+    assert report["stages"]["features"]["result"]["samples"] == len(pairs)
+    # a rerun skips every finished stage; other settings in the same folder are refused
+    lines = []
+    train_all(run, recipe=ShapesRecipe.quick(), log=lines.append)
+    assert all("skipped" in line for line in lines)
+    with pytest.raises(ValueError, match="other settings"):
+        train_all(run, recipe=ShapesRecipe.quick(seed=1), log=lambda line: None)
+
+
+def test_the_models_run_as_an_img_pipeline_and_the_judge_scores_generate(run, tmp_path):
+    from img_guidance.cli import app
+
+    dest = install(run, tmp_path / "weights")
+    assert {p.name for p in dest.iterdir()} >= {"generator", "detector", "aligner", "train_all.json"}
+    out = tmp_path / "out"
+    args = [
+        "generate",
+        "two red circles",
+        "--model",
+        str(dest / "generator"),
+        "--mllm",
+        str(dest / "detector"),
+    ]
+    args += ["--aligner", str(dest / "aligner"), "--out", str(out), "--seed", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    judged = CliRunner().invoke(app, ["shapes", "judge", str(out)])
+    assert judged.exit_code == 0, judged.output
+    report = json.loads((out / "judge.json").read_text())
+    assert report["prompts"][0]["prompt"] == "two red circles" and report["prompts"][0]["seed"] == 3
+    assert report["prompts"][0]["img"] in ("win", "tie", "loss")
+
+
+def test_text_embedding_guidance_reads_the_prompt(run):
+    from img_guidance.shapes.text_guidance import TextEmbeddingGuidance
+
+    guidance = TextEmbeddingGuidance.from_pretrained(run / "generator")
+    out = guidance.guide([None, None], ["a red circle", "two blue squares to the left"[:16]])
+    assert out.hidden_states.shape[0] == 2 and out.hidden_states.shape[-1] == guidance.hidden_size
+    assert out.attention_mask.sum(1).tolist()[0] < out.attention_mask.shape[1]
+    single = guidance.guide([None], ["a red circle"])
+    length = int(single.attention_mask.sum())
+    torch.testing.assert_close(single.hidden_states[0, :length], out.hidden_states[0, :length])
+
+
+def test_the_shapes_preset_and_demo_say_how_to_get_missing_weights(tmp_path, monkeypatch):
+    from img_guidance.backends import load_backend
+    from img_guidance.cli import app
+    from img_guidance.presets import BACKEND_PRESETS, BackendPreset
+
+    missing = str(tmp_path / "weights" / "generator")
+    preset = BackendPreset(**{**BACKEND_PRESETS["shapes"].__dict__, "model": missing})
+    monkeypatch.setitem(BACKEND_PRESETS, "shapes", preset)
+    with pytest.raises(FileNotFoundError, match="shapes train-all OUT --install"):
+        load_backend("shapes")
+    result = CliRunner().invoke(app, ["shapes", "demo", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 1 and "train-all" in result.output
