@@ -46,7 +46,7 @@ class ShapesRecipe:
     seed: int = 0
     # generator (stage 1)
     generator_steps_base: int = 1600
-    generator_steps_adapter: int = 400
+    generator_steps_adapter: int = 600
     generator_batch: int = 32
     # detector (stage 2)
     triplets: int = 12000

@@ -6,27 +6,30 @@ Two flat stages, seeded and deterministic on the CPU (:func:`train_generator`):
    weighting) on fresh renders of scenes drawn from the training split, a category uniformly and then
    a scene, with 10% of prompts dropped to "" for classifier-free guidance. EMA weights are kept.
 2. **Image-prompt adapter.** The UNet and the text encoder are frozen; the image encoder, the
-   ``ImageProjection`` and the IP processors' ``to_k_ip`` / ``to_v_ip`` learn the same denoising
-   objective with image tokens added, IP-Adapter style: the encoded image is ANOTHER render of the
-   target's scene (a different layout, blurred and noised like a generated image), so the tokens carry
-   what the scene is, not its pixels. 10% of prompts and 30% of images are dropped (image dropped:
-   the tokens of the empty background image, the negative tokens used for guidance).
+   ``ImageProjection`` and the IP processors' ``to_k_ip`` / ``to_v_ip`` learn denoising with image
+   tokens added (IP scale 1), IP-Adapter style. The encoded image is never the target's pixels: half
+   the time the target's objects each moved by up to 1.5 px, else another render of its scene (another
+   layout); then blurred and noised like a generated image. 50% of prompts and 30% of images are
+   dropped (a dropped image: the tokens of the empty background image, the negative tokens of
+   guidance). Where the prompt is dropped and the image kept, the frozen base model's prediction
+   GIVEN the prompt is a second target (:func:`adapter_loss`): a noise-free signal for what the tokens
+   must say. With the denoising loss alone (IP-Adapter's recipe, which needs ~1M steps on CLIP
+   features), 600 steps left the tokens of all images nearly equal and the adapter without effect.
 
 The base model is meant to follow prompts imperfectly, as real models do. Its difficulty is shaped by
 the split (:func:`split_scenes`): two colour-shape kinds never appear in two-group scenes during
 training (they do appear alone and in single-group counts), so attribute binding, counting and
 relations with them are unseen combinations; of the other combinations 10% are held out for
-validation and 10% for test. And by the budget: a 2.5M-parameter UNet and ~25 minutes of CPU
-(AdamW at 1e-3 with warm-up and cosine decay, batch 32, bfloat16 autocast: 1.7x faster on CPUs with
-AVX512-BF16 / AMX; pass ``mixed_precision="no"`` on others). The adapter's images span the whole
-world by default (``adapter_scenes="all"``): like a real IP-Adapter, it has seen images of everything,
-and the held-out split tests the text pathway.
+validation and 10% for test. And by the budget: a 2.5M-parameter UNet, 1600 + 600 steps of batch 32
+(AdamW at 1e-3 with warm-up and cosine decay, bfloat16 autocast: 1.7x faster on CPUs with
+AVX512-BF16 / AMX; pass ``mixed_precision="no"`` on others): ~26 minutes on one busy core, ~16 on two
+free ones. The adapter's images span the whole world by default (``adapter_scenes="all"``): like a
+real IP-Adapter it has seen images of everything, and the held-out split tests the text pathway.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -61,17 +64,14 @@ from img_guidance.shapes.models import (
 from img_guidance.shapes.render import PlacedObject, degrade, draw, render, render_with_layout
 
 DEFAULT_STEPS_BASE = 1600
-DEFAULT_STEPS_ADAPTER = 400
+DEFAULT_STEPS_ADAPTER = 600
 DEFAULT_BATCH_SIZE = 32
 TEXT_DROPOUT = 0.1  # stage 1: the unconditional model for classifier-free guidance
-# stage 2: half the prompts are dropped so that the tokens alone must say what the scene is; with 10%
-# (IP-Adapter's own rate, fine after 1M steps on CLIP features) 400 steps left the tokens of all images
-# nearly equal and the adapter without effect
-ADAPTER_TEXT_DROPOUT = 0.5
+ADAPTER_TEXT_DROPOUT = 0.5  # stage 2: the tokens alone must often say what the scene is
 IMAGE_DROPOUT = 0.3
-SNR_GAMMA = 5.0  # stage 1: Min-SNR-5; plain v-MSE weights the noisiest steps so much that colours smear
+SNR_GAMMA = 5.0  # stage 1: Min-SNR-5; with plain v-MSE, 600 steps gave smeared colours
 # stage 2: plain v-MSE. What the tokens add (which objects) is decided at high noise, where Min-SNR
-# weighs the loss by ~SNR: with it the adapter's loss hardly moved in 600 steps
+# weighs the loss by ~SNR
 ADAPTER_SNR_GAMMA = None
 
 
@@ -319,8 +319,8 @@ def train_base(
     mixed_precision: str = "bf16",
 ) -> dict[str, Any]:
     """Stage 1: train the text encoder and the UNet (no adapter) on renders of ``scenes``; the EMA
-    weights are copied in at the end. Returns {"seconds", "loss" (mean of the last tenth of steps),
-    "losses" (per step)}."""
+    weights are copied in at the end. Returns {"seconds", "loss" (mean of the last tenth of steps; None
+    without steps), "losses" (per step)}."""
     if pipe.has_adapter:
         raise ValueError("stage 1 trains a base model; this pipeline already has an adapter")
     params = [p for m in (pipe.text_encoder, pipe.unet) for p in m.parameters()]
@@ -452,8 +452,9 @@ def _train(
             last = now
     ema.copy_to(params)
     pipe.eval()
-    tail = losses[-max(1, steps // 10) :] if losses else [math.nan]
-    return {"seconds": time.perf_counter() - start, "loss": sum(tail) / len(tail), "losses": losses}
+    tail = losses[-max(1, steps // 10) :]
+    loss = sum(tail) / len(tail) if tail else None
+    return {"seconds": time.perf_counter() - start, "loss": loss, "losses": losses}
 
 
 def train_generator(
@@ -511,7 +512,7 @@ def train_generator(
         )
     else:
         log(f"stage 1 skipped: the base model of {base_model}")
-        base = {"seconds": 0.0, "loss": math.nan, "losses": []}
+        base = {"seconds": 0.0, "loss": None, "losses": []}
     pipe.add_ip_adapter(seed=seed + 1)
     log(f"adapter: image encoder {_millions(pipe.image_encoder)}M parameters")
     adapter_pool = all_scenes() if adapter_scenes == "all" else splits["train"]
@@ -537,7 +538,7 @@ def train_generator(
     record = {
         "settings": dict(
             seed=seed,
-            steps_base=steps_base,
+            steps_base=steps_base if base_model is None else 0,
             steps_adapter=steps_adapter,
             batch_size=batch_size,
             lr_base=lr_base,
