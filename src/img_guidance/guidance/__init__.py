@@ -212,8 +212,11 @@ def load_guidance(
     info = read_detector_info(location)
     if prompt_format is None and info is not None:
         prompt_format = info.get("prompt_format")
-    adapter = _read_json(location, ADAPTER_CONFIG) if _read_json(location, "config.json") is None else None
-    if adapter is not None:
+    config = _read_json(location, "config.json")
+    if config is None:
+        adapter = _read_json(location, ADAPTER_CONFIG)
+        if adapter is None:
+            raise FileNotFoundError(f"{location} has no config.json; is it a model folder?")
         return _load_adapter(
             location,
             adapter,
@@ -223,7 +226,6 @@ def load_guidance(
             quantization=quantization,
             convert_original=convert_original,
         )
-    config = read_config(location)
     if convert_original and is_original_llava(config):
         location = _converted(location, torch_dtype)
         config = read_config(location)

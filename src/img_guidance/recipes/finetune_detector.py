@@ -675,12 +675,14 @@ def _val_triplets(cfg: FinetuneConfig) -> list[InstructionTriplet]:
         raise ConfigError(f"{'val_data' if cfg.val_data else 'data'} {source}: {err}") from err
 
 
-def save_detector(model, detector: TransformersGuidance, cfg: FinetuneConfig, folder: Path) -> None:
+def save_detector(
+    model, detector: TransformersGuidance, cfg: FinetuneConfig, folder: Path, *, questions: Sequence[str]
+) -> None:
     """The finetuned detector as a folder the guidance stage loads: a transformers model folder
     (full finetuning, or LoRA merged) or a peft adapter folder, with the processor and
     :data:`~img_guidance.guidance.DETECTOR_INFO`."""
     from img_guidance.guidance import DETECTOR_INFO
-    from img_guidance.guidance.questions import QUESTIONS, load_questions
+    from img_guidance.guidance.questions import QUESTIONS
 
     if cfg.method == "lora" and cfg.merge_lora:
         model = model.merge_and_unload()
@@ -689,14 +691,13 @@ def save_detector(model, detector: TransformersGuidance, cfg: FinetuneConfig, fo
     # full or merged: a transformers folder; LoRA: peft's adapter folder (adapters and projector)
     model.save_pretrained(folder)
     detector.processor.save_pretrained(folder)
-    questions = load_questions(cfg.questions) if cfg.questions else QUESTIONS
     info = {
         "prompt_format": detector.prompt_format,
         "base_model": detector.location,
         "method": cfg.method,
         "merged": cfg.method == "full" or cfg.merge_lora,
         "question_seed": cfg.question_seed,
-        "questions": None if questions == QUESTIONS else list(questions),
+        "questions": None if tuple(questions) == QUESTIONS else list(questions),
     }
     (folder / DETECTOR_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
@@ -941,7 +942,8 @@ def finetune(cfg: FinetuneConfig, *, resume: str | bool | None = None) -> dict[s
             if not stepped and next_row == plan["start"]:
                 raise ConfigError(f"data {cfg.data} gave no full step of {samples_per_step} triplets")
             epoch, next_row = epoch + 1, plan["start"]
-        if not list_checkpoints(checkpoints) or latest_checkpoint(checkpoints).name != checkpoint_name(step):
+        last = latest_checkpoint(checkpoints)
+        if last is None or last.name != checkpoint_name(step):
             checkpoint()
     except TrainingDiverged as err:
         last = latest_checkpoint(checkpoints)
@@ -957,7 +959,7 @@ def finetune(cfg: FinetuneConfig, *, resume: str | bool | None = None) -> dict[s
     if accelerator.is_main_process:
         staging = output / ".tmp-final"
         shutil.rmtree(staging, ignore_errors=True)
-        save_detector(accelerator.unwrap_model(model), detector, cfg, staging)
+        save_detector(accelerator.unwrap_model(model), detector, cfg, staging, questions=questions)
         publish(staging, final)
         skipped = len(reader_stats.get("undecodable", [])) + reader_stats.get("empty", 0)
         console.print(

@@ -92,7 +92,7 @@ def run_demo(
 
     from img_guidance.pipeline import IMGPipeline
     from img_guidance.shapes.grammar import parse
-    from img_guidance.shapes.judge import judge, win_tie_loss
+    from img_guidance.shapes.judge import judge, outcome, win_tie_loss
     from img_guidance.shapes.scoring import verdict_dict
 
     for prompt in prompts:
@@ -111,7 +111,6 @@ def run_demo(
         a, b = judge(initial, prompt), judge(calibrated, prompt)
         before.append(a)
         after.append(b)
-        outcome = "win" if b.score > a.score else "loss" if b.score < a.score else "tie"
         rows.append(
             {
                 "prompt": prompt,
@@ -119,7 +118,7 @@ def run_demo(
                 "question": result.rounds[-1].questions[i],
                 "initial": verdict_dict(a),
                 "calibrated": verdict_dict(b),
-                "img": outcome,
+                "img": outcome(b, a),
                 "initial_image": initial,
                 "calibrated_image": calibrated,
             }

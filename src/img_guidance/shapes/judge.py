@@ -528,6 +528,11 @@ class WinTieLoss:
         return self.wins + self.ties + self.losses
 
 
+def outcome(a: Verdict, b: Verdict) -> str:
+    """``"win"``, ``"tie"`` or ``"loss"`` of verdict ``a`` against ``b`` by score."""
+    return "win" if a.score > b.score else "loss" if a.score < b.score else "tie"
+
+
 def win_tie_loss(verdicts_a: Sequence[Verdict], verdicts_b: Sequence[Verdict]) -> WinTieLoss:
     """Count prompts where system A scores higher than B (win), the same (tie) or lower (loss).
     The two lists pair up by position and must be about the same scenes."""
@@ -539,5 +544,5 @@ def win_tie_loss(verdicts_a: Sequence[Verdict], verdicts_b: Sequence[Verdict]) -
     for i, (a, b) in enumerate(zip(verdicts_a, verdicts_b, strict=True)):
         if a.spec != b.spec:
             raise ValueError(f"verdict {i} is about {describe(a.spec)!r} in A but {describe(b.spec)!r} in B")
-        outcomes["win" if a.score > b.score else "loss" if a.score < b.score else "tie"] += 1
+        outcomes[outcome(a, b)] += 1
     return WinTieLoss(outcomes["win"], outcomes["tie"], outcomes["loss"])

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from img_guidance.shapes.judge import Report, Verdict, judge, win_tie_loss
+from img_guidance.shapes.judge import Report, Verdict, judge, outcome, win_tie_loss
 
 JUDGE_FILE = "judge.json"
 
@@ -97,7 +97,6 @@ def judge_output_folder(folder: str | os.PathLike) -> dict[str, Any]:
             before, after = judge(a.convert("RGB"), spec), judge(b.convert("RGB"), spec)
         initial.append(before)
         calibrated.append(after)
-        outcome = "win" if after.score > before.score else "loss" if after.score < before.score else "tie"
         prompts.append(
             {
                 "name": record.get("name"),
@@ -106,7 +105,7 @@ def judge_output_folder(folder: str | os.PathLike) -> dict[str, Any]:
                 "category": before.category,
                 "initial": verdict_dict(before),
                 "calibrated": verdict_dict(after),
-                "img": outcome,
+                "img": outcome(after, before),
             }
         )
     outcomes = win_tie_loss(calibrated, initial)
