@@ -6,8 +6,8 @@ IMG, and the paper's baselines and ablations at equal settings.
 
 The prompt set is the TEST split of ``split_scenes`` (scenes never used to train any model; its
 two-object scenes include colour-shape combinations the generator never saw together), up to
-``--per-category`` scenes per category, each with ``--seeds`` seeds. Hyper-parameters are chosen on
-the validation split (``--split validation``), never on this one.
+``--per-category`` scenes per category (default: all 211), each with ``--seeds`` seeds (default 3).
+Hyper-parameters are chosen on the validation split (``--split validation``), never on this one.
 
 Systems (every one starts from the same initial images where it re-generates):
 
@@ -15,6 +15,8 @@ Systems (every one starts from the same initial images where it re-generates):
 - IMG (1 round, 3 passes) and IMG (2 rounds): the shipped detector + aligner;
 - another seed: re-generation with a different seed, the same compute without guidance;
 - unaligned tokens ("no guidance"): re-generation from the initial image's own IP tokens (0 passes);
+- correct-render tokens (oracle): re-generation from the IP tokens of a correct render of the prompt,
+  which no aligner has at test time: the most that steering through the adapter could give;
 - text-embedding guidance: an aligner trained (same recipe, same pairs) on the generator's text
   embedding of the prompt instead of the detector's hidden states;
 - untrained detector: an aligner trained on the hidden states of the detector before finetuning;
@@ -30,6 +32,8 @@ seed), and ``--json`` with everything.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -39,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OTHER_SEED_OFFSET = 500_000
 
 
-def prompt_set(split: str, per_category: int, seed: int) -> list:
-    """Up to ``per_category`` scenes of each category of ``split``, a seeded choice."""
+def prompt_set(split: str, per_category: int | None, seed: int) -> list:
+    """Up to ``per_category`` scenes of each category of ``split`` (None: all), a seeded choice."""
     import numpy as np
 
     from img_guidance.shapes.grammar import category
@@ -70,7 +74,8 @@ def ablation_aligner(run: Path, name: str, *, guidance: str, lam: float, terms: 
     recipe = ShapesRecipe(**{**report["recipe"], "aligner_terms": tuple(report["recipe"]["aligner_terms"])})
     cache = run / "features" if guidance == "detector" else features_for(run, guidance, recipe, log)
     log(f"training the ablation aligner {name} ({guidance} guidance, lambda {lam}, terms {terms})")
-    train_aligner_on(cache, run / "ablations" / name, recipe, lam=lam, terms=terms)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the table only
+        train_aligner_on(cache, run / "ablations" / name, recipe, lam=lam, terms=terms)
     return final
 
 
@@ -96,17 +101,18 @@ def features_for(run: Path, guidance: str, recipe, log) -> Path:
     if (out / "manifest.json").is_file():
         return out
     log(f"extracting features with {guidance} guidance into {out}")
-    extract_features(
-        run / "data" / "pairs.parquet",
-        out,
-        image_encoder=ShapesBackend.from_pretrained(run / "generator"),
-        guidance=guidance_model(run, guidance),
-        questions=PROMPT_ONLY if guidance == "text" else QUESTIONS,
-        seed=recipe.seed,
-        batch_size=64,
-        dtype="float16",
-        progress=False,
-    )
+    with contextlib.redirect_stdout(sys.stderr):
+        extract_features(
+            run / "data" / "pairs.parquet",
+            out,
+            image_encoder=ShapesBackend.from_pretrained(run / "generator"),
+            guidance=guidance_model(run, guidance),
+            questions=PROMPT_ONLY if guidance == "text" else QUESTIONS,
+            seed=recipe.seed,
+            batch_size=64,
+            dtype="float16",
+            progress=False,
+        )
     return out
 
 
@@ -118,9 +124,14 @@ def main(argv: list[str] | None = None) -> dict:
         "--run", type=Path, required=True, help="a finished `img-guidance shapes train-all` folder"
     )
     parser.add_argument("--split", choices=("test", "validation"), default="test")
-    parser.add_argument("--per-category", type=int, default=50)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument(
+        "--per-category", type=int, default=None, help="at most this many scenes per category (default: all)"
+    )
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--ip-scale", type=float, help="IP scale of every re-generation (default: the backend's, 0.2)"
+    )
     parser.add_argument(
         "--skip-ablations", action="store_true", help="base, IMG and the two re-generations only"
     )
@@ -136,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     from img_guidance.pipeline import IMGPipeline
     from img_guidance.shapes.grammar import describe
     from img_guidance.shapes.judge import Report, judge, win_tie_loss
+    from img_guidance.shapes.render import render
     from img_guidance.shapes.scoring import report_dict
     from img_guidance.shapes.text_guidance import PROMPT_ONLY
 
@@ -152,6 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
     specs = [s for s in scenes for _ in range(args.seeds)]
     log(f"{len(scenes)} {args.split} scenes x {args.seeds} seeds = {len(prompts)} images per system")
     backend = ShapesBackend.from_pretrained(run / "generator")
+    if args.ip_scale is not None:
+        backend.defaults = dataclasses.replace(backend.defaults, ip_scale=args.ip_scale)
+    log(f"re-generation at IP scale {backend.defaults.ip_scale}")
     detector = guidance_model(run, "detector")
 
     def batched(fn, *lists):
@@ -186,6 +201,12 @@ def main(argv: list[str] | None = None) -> dict:
         lambda p, s: backend.generate(p, [x + OTHER_SEED_OFFSET for x in s]), prompts, seeds
     )
     systems["unaligned tokens (0 passes)"] = img(shipped, detector, passes=0)[0]
+
+    def from_renders(p, s, sp):
+        tokens = backend.encode_image([render(x, seed=10_000 + k) for x, k in zip(sp, s, strict=True)])
+        return backend.generate(p, s, image_tokens=tokens, ip_scale=backend.defaults.ip_scale)
+
+    systems["correct-render tokens (oracle)"] = batched(from_renders, prompts, seeds, specs)
     if not args.skip_ablations:
         ablations = {
             "text-embedding guidance": dict(guidance="text", lam=1.0, terms=["dpo", "spin"]),
@@ -211,8 +232,12 @@ def main(argv: list[str] | None = None) -> dict:
     categories = list(reports["base"].per_category)
     print(f"## ShapesWorld: judge accuracy on {len(scenes)} {args.split} scenes x {args.seeds} seeds")
     print()
-    print("| system | " + " | ".join(categories) + " | overall | vs base: win / tie / loss |")
-    print("|---|" + "---|" * (len(categories) + 2))
+    print(
+        "| system | "
+        + " | ".join(categories)
+        + " | overall (per image) | category mean | vs base: win / tie / loss |"
+    )
+    print("|---|" + "---|" * (len(categories) + 3))
     results = {}
     for name, report in reports.items():
         cells = []
@@ -220,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
             s = report.overall if c == "overall" else report.per_category[c]
             low, high = s.interval
             cells.append(f"{s.accuracy:.3f} [{low:.2f}, {high:.2f}]")
+        cells.append(f"{report.category_mean:.3f}")
         outcome = win_tie_loss(verdicts[name], verdicts["base"])
         versus = "-" if name == "base" else f"{outcome.wins} / {outcome.ties} / {outcome.losses}"
         print(f"| {name} | " + " | ".join(cells) + f" | {versus} |")
@@ -233,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "images_per_system": len(prompts),
+        "ip_scale": backend.defaults.ip_scale,
         "systems": results,
     }
     if args.json:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import torch
@@ -61,16 +62,32 @@ def test_convert_errors_exit_non_zero_and_write_nothing(tmp_path, tiny_config):
     assert not (tmp_path / "out").exists()
 
 
-def test_demo_trains_and_reports(tmp_path):
-    report = tmp_path / "report.json"
-    result = runner.invoke(app, ["demo", "--steps", "120", "--report", str(report)])
+def test_demo_runs_img_on_shapesworld_with_the_shipped_models(tmp_path):
+    from PIL import Image
+
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
-    assert "held-out 512 samples" in result.output
-    data = json.loads(report.read_text())
-    mse = data["held_out_mse_to_preferred"]
-    # even a short run must move held-out tokens clearly towards the preferred ones
-    assert mse["aligned, 1 pass"] < 0.6 * mse["input tokens (no alignment)"]
-    assert data["history"][-1]["step"] == 120
+    data = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    rows = data["prompts"]
+    assert len(rows) == 16 and {r["img"] for r in rows} <= {"win", "tie", "loss"}
+    assert data["initial_correct"] == sum(r["initial"]["correct"] is True for r in rows)
+    assert data["calibrated_correct"] == sum(r["calibrated"]["correct"] is True for r in rows)
+    outcomes = data["img_vs_initial"]
+    assert outcomes["wins"] + outcomes["ties"] + outcomes["losses"] == 16
+    assert outcomes["wins"] == sum(r["img"] == "win" for r in rows)
+    assert set(data["models"]) == {"backend", "guidance", "aligner"} and data["ip_scale"] == 0.2
+    grid = Image.open(tmp_path / "demo" / "demo.png")
+    assert grid.height > 16 * 128  # a row per prompt and seed, images enlarged 4x
+    assert f"judge: {data['initial_correct']}/16 initial images right" in result.output
+
+
+def test_the_shipped_models_are_what_train_all_makes():
+    from img_guidance.shapes.train_all import WEIGHTS, ShapesRecipe
+
+    report = json.loads((WEIGHTS / "train_all.json").read_text())
+    assert report["recipe"] == json.loads(json.dumps(dataclasses.asdict(ShapesRecipe())))
+    assert list(report["stages"]) == ["generator", "detector", "pairs", "features", "aligner"]
+    assert report["total_seconds"] < 90 * 60
 
 
 def test_version_and_help():

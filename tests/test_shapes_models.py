@@ -26,6 +26,8 @@ from img_guidance.shapes.train_generator import (
     denoising_loss,
     diffusion_loss,
     held_out_kinds,
+    pretrain_image_encoder,
+    scene_targets,
     split_scenes,
     train_adapter,
     train_generator,
@@ -285,9 +287,28 @@ def test_a_few_steps_lower_the_loss_of_both_stages():
     assert after < 0.97 * before  # the adapter only adds to frozen layers: it moves the loss less
 
 
+def test_the_image_encoder_learns_which_kind_lies_where():
+    from img_guidance.shapes.render import PlacedObject
+
+    layout = [PlacedObject("circle", "red", 3.0, 30.0, 6.0), PlacedObject("square", "blue", 17.0, 9.0, 6.0)]
+    target = scene_targets([layout]).view(1, 4, 3, 4, 4)  # colours x shapes x grid rows x grid columns
+    assert target.sum() == 2 and target[0, 0, 0, 3, 0] == 1 and target[0, 2, 1, 1, 2] == 1
+
+    pipe = tiny_pipeline()
+    untrained = pipe.image_encoder.state_dict()
+    untrained = {k: v.clone() for k, v in untrained.items()}
+    result = pretrain_image_encoder(pipe, all_scenes(), steps=40, batch_size=16, log=lambda _: None)
+    assert len(result["losses"]) == 40 and result["loss"] < 0.5 * result["losses"][0]
+    assert 0.9 < result["cell_accuracy"] <= 1.0
+    changed = pipe.image_encoder.state_dict()
+    assert any(not torch.equal(changed[k], v) for k, v in untrained.items())
+
+
 def test_stage_two_trains_only_the_adapter():
     pipe = tiny_pipeline()
-    frozen = {k: v.clone() for k, v in _states(pipe).items() if ".processor." not in k and "image_" not in k}
+    frozen = {
+        k: v.clone() for k, v in _states(pipe).items() if ".processor." not in k and "image_proj" not in k
+    }
     adapter = {k: v.clone() for k, v in _states(pipe).items() if k not in frozen}
     result = train_adapter(pipe, all_scenes()[:50], steps=2, batch_size=2, log=lambda _: None)
     assert len(result["losses"]) == 2
@@ -295,14 +316,22 @@ def test_stage_two_trains_only_the_adapter():
     for key, value in frozen.items():
         torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
     assert any(not torch.equal(after[k], v) for k, v in adapter.items() if "to_k_ip" in k)
-    assert any(not torch.equal(after[k], v) for k, v in adapter.items() if k.startswith("image_encoder"))
+    assert any(not torch.equal(after[k], v) for k, v in adapter.items() if k.startswith("image_projection"))
     assert all(p.scale == [0.0] for p in ip_processors(pipe.unet))
 
 
 def test_train_generator_is_deterministic_and_loads_as_a_backend(tmp_path):
-    kwargs = dict(seed=3, steps_base=2, steps_adapter=2, batch_size=2, unet=TINY_UNET, log=lambda _: None)
+    kwargs = dict(
+        seed=3,
+        steps_base=2,
+        steps_encoder=2,
+        steps_adapter=2,
+        batch_size=2,
+        unet=TINY_UNET,
+        log=lambda _: None,
+    )
     result = train_generator(tmp_path / "a", **kwargs)
-    assert set(result["seconds"]) == {"base", "adapter", "total"}
+    assert set(result["seconds"]) == {"base", "encoder", "adapter", "total"}
     assert np.isfinite([result["loss"]["base"], result["loss"]["adapter"]]).all()
     record = json.loads((tmp_path / "a" / "training.json").read_text())
     assert record["settings"]["steps_base"] == 2 and len(record["losses"]["adapter"]) == 2

@@ -64,6 +64,11 @@ def test_the_models_run_as_an_img_pipeline_and_the_judge_scores_generate(run, tm
 
     dest = install(run, tmp_path / "weights")
     assert {p.name for p in dest.iterdir()} >= {"generator", "detector", "aligner", "train_all.json"}
+    # installing again replaces the models in place
+    (dest / "aligner" / "stale.txt").write_text("from an older install")
+    assert install(run, tmp_path / "weights") == dest
+    assert {p.name for p in dest.iterdir()} == {"generator", "detector", "aligner", "train_all.json"}
+    assert not (dest / "aligner" / "stale.txt").exists()
     out = tmp_path / "out"
     args = [
         "generate",
@@ -105,5 +110,36 @@ def test_the_shapes_preset_and_demo_say_how_to_get_missing_weights(tmp_path, mon
     monkeypatch.setitem(BACKEND_PRESETS, "shapes", preset)
     with pytest.raises(FileNotFoundError, match="shapes train-all OUT --install"):
         load_backend("shapes")
-    result = CliRunner().invoke(app, ["shapes", "demo", "--out", str(tmp_path / "demo")])
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 1 and "train-all" in result.output
+
+
+def test_the_benchmark_runs_every_system_on_a_finished_run(run, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_eval.py"
+    spec = importlib.util.spec_from_file_location("shapes_eval", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = ["--run", str(run), "--split", "validation", "--per-category", "1", "--seeds", "2"]
+    out = module.main([*args, "--json", str(tmp_path / "eval.json")])
+    systems = out["systems"]
+    assert {"base", "IMG (2 rounds)", "correct-render tokens (oracle)", "lambda 2"} <= set(systems)
+    assert len(systems) == 12
+    # six categories, one scene each, two seeds
+    assert out["images_per_system"] == 12 and systems["base"]["overall"]["n"] == 12
+    assert sum(systems["IMG (1 round, 3 passes)"]["vs_base"]) == 12
+    trained = {p.parent.name for p in (run / "ablations").glob("*/final")}
+    assert trained == {
+        "text-embedding_guidance",
+        "untrained_detector",
+        "l_base_only",
+        "l_base_plus_dpo",
+        "lambda_0.5",
+        "lambda_2",
+    }
+    table = capsys.readouterr().out
+    assert table.startswith("## ShapesWorld")  # the ablations' training logs go to stderr
+    assert table.count("\n| ") == 13 and "correct-render tokens (oracle)" in table
+    assert json.loads((tmp_path / "eval.json").read_text())["systems"] == systems

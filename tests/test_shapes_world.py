@@ -402,6 +402,9 @@ def test_judge_many_reports_per_category():
     assert single.interval == wilson_interval(1, 3)
     assert (report.overall.n, report.overall.correct) == (5, 3)
     assert "| single_object | 3 | 0.333 |" in report.to_markdown()
+    # GenEval's overall: each category weighs the same (1/3, 1/1, 1/1), unlike the per-image 3/5
+    assert report.category_mean == pytest.approx((1 / 3 + 1 + 1) / 3)
+    assert "| category mean | | 0.778 |" in report.to_markdown()
     with pytest.raises(ValueError, match="2 images and 1 scenes"):
         judge_many(images[:2], specs[:1])
 

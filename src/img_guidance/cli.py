@@ -5,7 +5,6 @@ Heavy imports happen inside the commands, so ``img-guidance --help`` answers at 
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -53,27 +52,23 @@ def main(
 
 @app.command()
 def demo(
-    steps: Annotated[int, typer.Option(min=1, help="Training steps of the toy aligner.")] = 400,
-    seed: Annotated[int, typer.Option(help="Seed of the world, the data and the init.")] = 0,
-    report: Annotated[
-        Path | None, typer.Option("--report", help="Also write the report as JSON here.")
-    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for demo.png and demo.json.")] = Path("img-guidance-demo"),
 ) -> None:
-    """Run the offline CPU demo (a small aligner trained on a synthetic preference problem).
-
-    Trains a small Implicit Aligner with the IMG objective and reference tracker, then shows how
-    far it moves held-out image tokens towards the preferred ones.
+    """Run IMG end to end on ShapesWorld, offline on the CPU, with the models that ship in the
+    package (generator, detector and aligner trained by this project): a few prompts, the initial and
+    calibrated images side by side with the judge's verdicts, in OUT/demo.png and OUT/demo.json.
     """
-    from img_guidance.toy import run_toy_demo
+    from img_guidance.shapes.demo import run_demo
 
-    if report is not None and report.exists() and report.is_dir():
-        raise fail(f"--report {report} is a folder; give a file path")
-    console.print("[bold]IMG toy demo[/]: synthetic guidance and image tokens, offline on the CPU")
-    result = run_toy_demo(steps=steps, seed=seed, log=lambda line: console.print(line, highlight=False))
-    if report is not None:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(json.dumps(result, indent=2) + "\n")
-        console.print(f"report written to {report}")
+    if out.exists() and not out.is_dir():
+        raise fail(f"--out {out} exists and is not a folder")
+    console.print(
+        "[bold]IMG on ShapesWorld[/]: generator, detector and aligner trained by this project, offline"
+    )
+    try:
+        run_demo(out, log=lambda line: console.print(line, highlight=False))
+    except FileNotFoundError as err:
+        raise fail(str(err)) from err
 
 
 @app.command()
@@ -530,6 +525,7 @@ def shapes_judge(
                 f"| {name} | {s['n']} | {s['accuracy']:.3f} | [{low:.3f}, {high:.3f}] | {s['undecidable']} |",
                 highlight=False,
             )
+        console.print(f"| category mean | | {result[system]['category_mean']:.3f} | | |", highlight=False)
     outcome = result["img_vs_initial"]
     console.print(
         f"\nIMG against the initial images: {outcome['wins']} wins, {outcome['ties']} ties, "
@@ -565,23 +561,3 @@ def shapes_train_all(
     console.print(f"total: {report['total_seconds'] / 60:.1f} min", highlight=False)
     if install:
         console.print(f"installed the models into {install_models(out)}", highlight=False)
-
-
-@shapes_app.command("demo")
-def shapes_demo(
-    out: Annotated[Path, typer.Option(help="Folder for demo.png and demo.json.")] = Path("img-guidance-demo"),
-) -> None:
-    """Run IMG end to end on ShapesWorld, offline on the CPU, with the models that ship in the
-    package: a few prompts, the initial and calibrated images side by side with the judge's verdicts.
-    """
-    from img_guidance.shapes.demo import run_demo
-
-    if out.exists() and not out.is_dir():
-        raise fail(f"--out {out} exists and is not a folder")
-    console.print(
-        "[bold]IMG on ShapesWorld[/]: generator, detector and aligner trained by this project, offline"
-    )
-    try:
-        run_demo(out, log=lambda line: console.print(line, highlight=False))
-    except FileNotFoundError as err:
-        raise fail(str(err)) from err

@@ -75,7 +75,7 @@ BACKEND_PRESETS: dict[str, BackendPreset] = {
         aligner=str(SHAPES_WEIGHTS / "aligner"),
         mllm="shapes-detector",
         steps=20,
-        guidance_scale=4.0,
+        guidance_scale=1.5,
         height=32,
         width=32,
     ),
@@ -127,7 +127,7 @@ GUIDANCE_PRESETS: dict[str, GuidancePreset] = {
         family="llava",
         model=str(SHAPES_WEIGHTS / "detector"),
         prompt_format="llava_v0",
-        hidden_size=64,
+        hidden_size=96,
         description="ShapesWorld's tiny LLaVA, finetuned as its misalignment detector (ships in the package)",
     ),
     "img-llava-13b": GuidancePreset(

@@ -89,6 +89,7 @@ def run_demo(
     """Run IMG on every (prompt, seed) with the shipped ShapesWorld models; writes OUT/demo.png and
     OUT/demo.json and returns the report."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from img_guidance.pipeline import IMGPipeline
     from img_guidance.shapes.grammar import parse
@@ -100,7 +101,13 @@ def run_demo(
     check_installed()
     start = time.perf_counter()
     torch.manual_seed(0)
-    pipe = IMGPipeline.from_pretrained("shapes")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a 1.7 MB detector needs no loading bar
+    try:
+        pipe = IMGPipeline.from_pretrained("shapes")
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     loaded = time.perf_counter() - start
     all_prompts = [p for p in prompts for _ in seeds]
     all_seeds = [s for _ in prompts for s in seeds]

@@ -475,8 +475,14 @@ class Report:
         object.__setattr__(self, "per_category", stats)
         object.__setattr__(self, "overall", _stats(self.verdicts))
 
+    @property
+    def category_mean(self) -> float:
+        """The mean of the per-category accuracies: GenEval's overall score, where every category
+        weighs the same whatever its number of images (``overall`` weighs every image the same)."""
+        return sum(s.accuracy for s in self.per_category.values()) / len(self.per_category)
+
     def to_markdown(self) -> str:
-        """A markdown table: one row per category and one overall."""
+        """A markdown table: one row per category, one overall and the category mean."""
         lines = [
             "| category | n | accuracy | 95% CI | undecidable | mean score |",
             "|---|---|---|---|---|---|",
@@ -492,6 +498,7 @@ class Report:
                 f"{s.mean_score:.3f}",
             ]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
+        lines.append(f"| category mean | | {self.category_mean:.3f} | | | |")
         return "\n".join(lines)
 
 

@@ -62,7 +62,7 @@ IMAGE_EMBED_DIM = 128
 MAX_PROMPT_TOKENS = 12
 SAMPLING_STEPS = 20
 GUIDANCE_SCALE = 1.5  # measured: 24% of validation prompts right at 1.5, 16% at 2.5, 6% at 4
-IP_SCALE = 0.5  # measured: with tokens of a correct render, 26% right at 0.5, 22% at 1.0 (20% at 0)
+IP_SCALE = 0.2  # chosen on validation: IMG 18.8% right at 0.2, 14.1% at 0.5, 10.8% at 1.0 (README)
 IP_ADAPTER_FILE = "ip_adapter.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<eos>")
@@ -421,6 +421,7 @@ class ShapesWorldPipeline:
         scheduler: DDPMScheduler,
         image_encoder: ShapesImageEncoder | None = None,
         image_projection: ImageProjection | None = None,
+        compute_dtype: torch.dtype | None = torch.bfloat16,
     ) -> None:
         if (image_encoder is None) != (image_projection is None):
             raise ValueError("an adapter needs both an image encoder and an image projection, or neither")
@@ -439,6 +440,9 @@ class ShapesWorldPipeline:
         self.scheduler = scheduler
         self.image_encoder = image_encoder
         self.image_projection = image_projection
+        # sampling runs the UNet under autocast to this dtype (None: the weights' dtype). bfloat16, the
+        # dtype the models were trained in, halves the time on CPUs with AVX512-BF16 / AMX
+        self.compute_dtype = compute_dtype
 
     # ---------------------------------------------------------------- building, saving, loading
 
@@ -657,6 +661,7 @@ class ShapesWorldPipeline:
         prompt and ``negative_image_tokens`` [1, N, 64]; the conditional branch has row i of
         ``image_tokens`` [B, N, 64]. Both branches see the tokens at ``ip_scale``; without tokens the
         scale is 0 and the result is the base model's. DDIM (eta 0): nothing random after the noise.
+        The UNet runs under autocast to :attr:`compute_dtype` (bfloat16 by default).
         """
         prompts = list(prompts)
         batch = len(prompts)
@@ -690,11 +695,16 @@ class ShapesWorldPipeline:
         shape = (3, self.unet.config.sample_size, self.unet.config.sample_size)
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators])  # [B, 3, H, W]
         sample = noise.to(device=self.device, dtype=self.dtype) * sampler.init_noise_sigma
+        autocast = torch.autocast(
+            self.device.type, dtype=self.compute_dtype or self.dtype, enabled=self.compute_dtype is not None
+        )
         with self._ip_scale(ip_scale):
             for t in sampler.timesteps:
                 model_input = torch.cat([sample, sample]) if cfg else sample
                 timesteps = t.expand(model_input.shape[0])
-                prediction = self.denoise(model_input, timesteps, text, mask, tokens)
+                with autocast:
+                    prediction = self.denoise(model_input, timesteps, text, mask, tokens)
+                prediction = prediction.to(sample.dtype)
                 if cfg:
                     unconditional, conditional = prediction.chunk(2)
                     prediction = unconditional + guidance_scale * (conditional - unconditional)

@@ -38,7 +38,8 @@ def verdict_dict(verdict: Verdict) -> dict[str, Any]:
 
 
 def report_dict(report: Report) -> dict[str, Any]:
-    """Per-category and overall accuracy with 95% intervals, as JSON-ready values."""
+    """Per-category and overall accuracy with 95% intervals, and the mean over categories (GenEval's
+    overall score), as JSON-ready values."""
 
     def stats(s) -> dict[str, Any]:
         low, high = s.interval
@@ -54,6 +55,7 @@ def report_dict(report: Report) -> dict[str, Any]:
     return {
         "per_category": {name: stats(s) for name, s in report.per_category.items()},
         "overall": stats(report.overall),
+        "category_mean": report.category_mean,
     }
 
 

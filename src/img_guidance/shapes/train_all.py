@@ -45,8 +45,9 @@ class ShapesRecipe:
 
     seed: int = 0
     # generator (stage 1)
-    generator_steps_base: int = 1600
-    generator_steps_adapter: int = 600
+    generator_steps_base: int = 3000
+    generator_steps_encoder: int = 1000
+    generator_steps_adapter: int = 1000
     generator_batch: int = 32
     # detector (stage 2)
     triplets: int = 12000
@@ -57,7 +58,7 @@ class ShapesRecipe:
     detector_lr: float = 2e-3
     detector_val_rows: int = 200
     # pairs (stage 3)
-    pair_prompts: int = 3000
+    pair_prompts: int = 2000
     # aligner (stage 5)
     aligner_depth: int = 2
     aligner_heads: int = 4
@@ -76,6 +77,7 @@ class ShapesRecipe:
         return cls(
             seed=seed,
             generator_steps_base=4,
+            generator_steps_encoder=2,
             generator_steps_adapter=2,
             generator_batch=4,
             triplets=48,
@@ -120,10 +122,15 @@ def _done(path: Path) -> bool:
 
 
 def _publish(source: Path, dest: Path) -> None:
-    tmp = dest.with_name(f".tmp-{dest.name}")
+    """Copy ``source`` to ``dest``, replacing an existing ``dest`` only once the copy is complete."""
+    tmp, old = dest.with_name(f".tmp-{dest.name}"), dest.with_name(f".old-{dest.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
+    if dest.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
     os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def stage_generator(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -> dict[str, Any]:
@@ -133,6 +140,7 @@ def stage_generator(out: Path, recipe: ShapesRecipe, log: Callable[[str], None])
         out / "generator",
         seed=recipe.seed,
         steps_base=recipe.generator_steps_base,
+        steps_encoder=recipe.generator_steps_encoder,
         steps_adapter=recipe.generator_steps_adapter,
         batch_size=recipe.generator_batch,
         log=log,
