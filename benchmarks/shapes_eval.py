@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
     from img_guidance.pipeline import IMGPipeline
     from img_guidance.shapes.grammar import describe
     from img_guidance.shapes.judge import Report, judge, win_tie_loss
-    from img_guidance.shapes.render import render
     from img_guidance.shapes.scoring import report_dict
     from img_guidance.shapes.text_guidance import PROMPT_ONLY
+    from img_guidance.shapes.train_generator import oracle_render
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     systems["unaligned tokens (0 passes)"] = img(shipped, detector, passes=0)[0]
 
     def from_renders(p, s, sp):
-        tokens = backend.encode_image([render(x, seed=10_000 + k) for x, k in zip(sp, s, strict=True)])
+        tokens = backend.encode_image([oracle_render(x, k) for x, k in zip(sp, s, strict=True)])
         return backend.generate(p, s, image_tokens=tokens, ip_scale=backend.defaults.ip_scale)
 
     systems["correct-render tokens (oracle)"] = batched(from_renders, prompts, seeds, specs)

@@ -183,6 +183,20 @@ def render_scenes(
     return images, layouts
 
 
+def like_generated(
+    image: Image.Image, rng: np.random.Generator, *, noise: float = 12.0, blur: float = 0.8
+) -> Image.Image:
+    """``image`` blurred and noised by up to ``blur`` px and ``noise``, as generated images are: what
+    the adapter's image encoder sees in training."""
+    return degrade(image, rng=rng, noise=float(rng.uniform(0, noise)), blur=float(rng.uniform(0, blur)))
+
+
+def oracle_render(spec: SceneSpec, seed: int) -> Image.Image:
+    """A correct render of ``spec`` for generation ``seed`` whose layout is not the generation's own
+    (render seed ``10_000 + seed``): the source of the oracle tokens that test the adapter."""
+    return render(spec, seed=10_000 + int(seed))
+
+
 def reference_images(
     scenes: Sequence[SceneSpec],
     layouts: Sequence[list[PlacedObject]],
@@ -206,9 +220,7 @@ def reference_images(
             image = draw(moved)
         else:
             image = render(spec, seed=rng)
-        images.append(
-            degrade(image, rng=rng, noise=float(rng.uniform(0, noise)), blur=float(rng.uniform(0, blur)))
-        )
+        images.append(like_generated(image, rng, noise=noise, blur=blur))
     return images
 
 
@@ -362,10 +374,7 @@ def pretrain_image_encoder(
     for step in range(1, steps + 1):
         specs = sample_scenes(pool, rng, batch_size)
         images, layouts = render_scenes(specs, rng)
-        images = [
-            degrade(im, rng=rng, noise=float(rng.uniform(0, 12.0)), blur=float(rng.uniform(0, 0.8)))
-            for im in images
-        ]
+        images = [like_generated(im, rng) for im in images]
         target = scene_targets(layouts)
         logits = head(encoder(to_pixels(images)))
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
@@ -721,8 +730,8 @@ def evaluate_reconstruction(
     batch_size: int = 64,
 ) -> dict[str, Any]:
     """How well image tokens steer generation: for each scene and seed, generate from the prompt and
-    the tokens of a correct render (render seed ``10_000 + seed``, so not the generation's own
-    layout) at each IP scale, and judge. Returns {ip_scale: like :func:`evaluate_generator`}."""
+    the tokens of a correct render (:func:`oracle_render`, not the generation's own layout) at each IP
+    scale, and judge. Returns {ip_scale: like :func:`evaluate_generator`}."""
     pipe = folder if isinstance(folder, ShapesWorldPipeline) else ShapesWorldPipeline.from_pretrained(folder)
     jobs = [(spec, seed) for spec in scenes for seed in seeds]
     negative = pipe.encode_images([background_image()])
@@ -732,7 +741,7 @@ def evaluate_reconstruction(
         images = []
         for i in range(0, len(jobs), batch_size):
             chunk = jobs[i : i + batch_size]
-            tokens = pipe.encode_images([render(s, seed=10_000 + int(seed)) for s, seed in chunk])
+            tokens = pipe.encode_images([oracle_render(s, seed) for s, seed in chunk])
             generators = [torch.Generator().manual_seed(int(seed)) for _, seed in chunk]
             images += pipe(
                 [describe(s) for s, _ in chunk],
