@@ -18,3 +18,10 @@ def tiny_config() -> dict:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _float32_defaults(monkeypatch):
+    """Every test sees a CPU without native bf16, so "auto" dtypes are float32 on any machine and
+    pinned outputs hold on AMX machines too (tests/test_precision.py fakes the other CPUs)."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")

@@ -247,7 +247,10 @@ def test_model_offload_gives_the_same_tokens_and_images(backend, tiny, pictures,
     torch.testing.assert_close(offloaded.encode_image(pictures), tokens)
     torch.testing.assert_close(offloaded.negative_image_tokens(), backend.negative_image_tokens())
     kwargs = dict(prompts=["a cat"], seeds=[3], image_tokens=tokens[:1], **SAMPLING)
-    np.testing.assert_array_equal(pixels(offloaded.generate(**kwargs)), pixels(backend.generate(**kwargs)))
+    # the same images up to uint8 rounding: on an AVX2-only AMD EPYC one pixel of 3,072 came out 1 apart
+    # (float reductions over differently allocated weights round differently)
+    difference = np.abs(pixels(offloaded.generate(**kwargs)) - pixels(backend.generate(**kwargs)))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
     offloaded.set_offload("none", "cpu")
     assert not hasattr(offloaded.pipe.unet, "_hf_hook")
 

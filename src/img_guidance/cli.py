@@ -55,8 +55,9 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for demo.png and demo.json.")] = Path("img-guidance-demo"),
 ) -> None:
     """Run IMG end to end on ShapesWorld, offline on the CPU, with the models that ship in the
-    package (generator, detector and aligner trained by this project): a few prompts, the initial and
-    calibrated images side by side with the judge's verdicts, in OUT/demo.png and OUT/demo.json.
+    package (generator, detector and aligner trained by this project): a few prompts, the detector's
+    answer about each initial image, the initial and calibrated images side by side with the judge's
+    verdicts, in OUT/demo.png and OUT/demo.json.
     """
     from img_guidance.shapes.demo import run_demo
 
@@ -146,13 +147,12 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str, device: str):
-    import torch
+    from img_guidance.precision import resolve_dtype
 
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype not in DTYPES:
-        raise fail(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
-    return getattr(torch, dtype)
+    try:
+        return resolve_dtype(dtype, device)
+    except ValueError:
+        raise fail(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}") from None
 
 
 def load_pipeline(model: str, *, device: str, dtype: str, **options):
@@ -214,7 +214,13 @@ def generate(
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch.")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     dtype: Annotated[
-        str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
+        str,
+        typer.Option(
+            help=(
+                "auto (bf16 where native: GPUs, CPUs with AVX512-BF16/AMX; else fp32), float32, "
+                "bfloat16, float16."
+            )
+        ),
     ] = "auto",
     offload: Annotated[str, typer.Option(help="none, model or sequential.")] = "none",
     mllm_quantization: Annotated[

@@ -29,6 +29,7 @@ from torch import nn
 
 from img_guidance.backends.base import DiffusionBackend, GenerationDefaults, OffloadMode
 from img_guidance.hub import hub_file, pretrained_location
+from img_guidance.precision import default_dtype
 
 if TYPE_CHECKING:
     from diffusers import FluxPipeline
@@ -137,7 +138,7 @@ class FluxBackend(DiffusionBackend):
             image_encoder: a CLIPVisionModelWithProjection folder, hub repo or ``owner/repo/sub/folder``.
             transformer: a FluxTransformer2DModel to use instead of the pipeline's own (folder, repo
                 or ``owner/repo/sub/folder``).
-            torch_dtype: weights' dtype (default: bfloat16 on CUDA, float32 elsewhere).
+            torch_dtype: weights' dtype (default: bfloat16 where native, float32 elsewhere).
             device: where generation runs (default: CUDA if available, else CPU).
             defaults, true_cfg_scale: see the class.
             offload: as in :meth:`set_offload`, applied before any weight reaches ``device`` (FLUX.1-dev
@@ -150,7 +151,7 @@ class FluxBackend(DiffusionBackend):
             raise ValueError(f"offload mode {offload!r} is not one of {', '.join(map(repr, OFFLOAD_MODES))}")
         device = torch.device(device) if device is not None else _default_device()
         if torch_dtype is None:
-            torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            torch_dtype = default_dtype(device)
         # the small files first: a wrong adapter path fails before gigabytes are read
         adapter_file = hub_file(ip_adapter)
         num_adapter_blocks = _check_xlabs_file(adapter_file)
@@ -477,15 +478,15 @@ class FluxImageEncoder:
     ) -> FluxImageEncoder:
         """Load the CLIP vision model (a CLIPVisionModelWithProjection folder, repo or
         ``owner/repo/sub``) and the image projection of an XLabs-format ``.safetensors`` adapter.
-        Defaults as :meth:`FluxBackend.from_pretrained`: CUDA if available, bfloat16 on CUDA and
-        float32 elsewhere."""
+        Defaults as :meth:`FluxBackend.from_pretrained`: CUDA if available, bfloat16 where native
+        (:func:`~img_guidance.precision.default_dtype`), float32 elsewhere."""
         from diffusers.loaders.transformer_flux import FluxTransformer2DLoadersMixin
         from safetensors import safe_open
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         device = torch.device(device) if device is not None else _default_device()
         if torch_dtype is None:
-            torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            torch_dtype = default_dtype(device)
         adapter_file = hub_file(ip_adapter)
         _check_xlabs_file(adapter_file)
         encoder_path, encoder_subfolder = pretrained_location(image_encoder)

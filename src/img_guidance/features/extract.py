@@ -38,6 +38,7 @@ from img_guidance.features.cache import (
 )
 from img_guidance.features.cache import storage_dtype as torch_storage_dtype
 from img_guidance.guidance.questions import QUESTIONS, choose_question, fill
+from img_guidance.precision import resolve_dtype
 
 if TYPE_CHECKING:
     from img_guidance.data.pairs import PreferencePair
@@ -423,8 +424,9 @@ def run_features(
         ignored: the denoiser does not change image tokens (SDXL and SDXL-DPO share a cache).
     mllm, prompt_format: the guidance model (default: the paper's detector) and its prompt format.
     questions: a JSON file of templates or a list (default: the project's 100).
-    device: default the accelerate process's device; dtype: the models' dtype (default bfloat16 on
-        CUDA, float32 elsewhere); storage_dtype: the cache's ("bfloat16" or "float16").
+    device: default the accelerate process's device; dtype: the models' dtype (default
+        :func:`~img_guidance.precision.default_dtype`: bfloat16 where the hardware has it natively,
+        float32 elsewhere); storage_dtype: the cache's ("bfloat16" or "float16").
     limit, batch_size, seed, rows_per_shard: as :func:`extract_features`.
 
     Everything that can be checked without weights is checked before any model loads: the pairs
@@ -475,12 +477,7 @@ def run_features(
 
     accelerator = Accelerator()
     device = torch.device(device) if device is not None else accelerator.device
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    elif isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype must name a torch dtype (float32, bfloat16, float16), got {dtype!r}")
-        dtype = getattr(torch, dtype)
+    dtype = resolve_dtype(dtype, device)
     encoder = load_image_encoder(
         model, ip_adapter=ip_adapter, image_encoder=image_encoder, torch_dtype=dtype, device=device
     )

@@ -4,12 +4,17 @@ Only recipes read YAML. A value given on the command line is read as YAML (``lr=
 ``terms=[dpo]``, ``init_from=null``), and ``section.key=value`` sets one key inside a mapping-valued
 key (``online.batch_size=4``). Every key is checked against the dataclass's type hints before any
 work starts; an unknown key is an error that lists the valid ones.
+
+Booleans are YAML 1.2's: only ``true`` and ``false``. PyYAML follows YAML 1.1, where a bare ``no``,
+``off``, ``yes`` or ``on`` is a boolean, which would turn accelerate's ``mixed_precision: no`` into
+False; here those stay strings (and a boolean key still accepts them).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -19,6 +24,27 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans (``true`` / ``false`` only)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+_BOOL_WORDS = {"yes": True, "on": True, "true": True, "no": False, "off": False, "false": False}
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 booleans (see the module docstring)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # a SafeLoader subclass: safe
 
 
 class ConfigError(ValueError):
@@ -34,7 +60,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = safe_load(text) if text.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({err})") from err
         *parents, leaf = key.split(".")
@@ -84,6 +110,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
         raise ConfigError(f"{name} must be true or false, got {value!r}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -154,7 +182,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
     if data is None:

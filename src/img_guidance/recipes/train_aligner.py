@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 
+from img_guidance.precision import resolve_dtype
 from img_guidance.recipes.checkpoint import (
     STATE_FILE,
     checkpoint_name,
@@ -97,7 +98,7 @@ ONLINE_KEYS = {
     "mllm": "guidance model (default: the paper's finetuned LLaVA-1.5-13B)",
     "prompt_format": "the guidance model's prompt format",
     "questions": "JSON file of question templates (default: the project's 100)",
-    "dtype": "the feature models' dtype (default bfloat16 on CUDA, float32 elsewhere)",
+    "dtype": "the feature models' dtype (default bfloat16 where native, float32 elsewhere)",
     "storage_dtype": "round features as a cache would store them, e.g. bfloat16 (default: no rounding)",
     "limit": "use only the first rows of the pairs source",
     "batch_size": "pairs per feature-model batch",
@@ -286,9 +287,13 @@ def online_features(options: dict[str, Any], accelerator) -> IterableDataset:
     from img_guidance.guidance.questions import QUESTIONS, load_questions
 
     device = accelerator.device
-    dtype = options.get("dtype") or ("bfloat16" if device.type == "cuda" else "float32")
-    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-        raise ConfigError(f"online.dtype must name a torch dtype (float32, bfloat16, float16), got {dtype!r}")
+    try:
+        dtype = resolve_dtype(options.get("dtype"), device)
+    except ValueError:
+        dtype = options.get("dtype")
+        raise ConfigError(
+            f"online.dtype must name a torch dtype (float32, bfloat16, float16), got {dtype!r}"
+        ) from None
     storage = options.get("storage_dtype")
     if storage is not None and not isinstance(getattr(torch, str(storage), None), torch.dtype):
         raise ConfigError(f"online.storage_dtype must name a torch dtype, got {storage!r}")
@@ -297,13 +302,13 @@ def online_features(options: dict[str, Any], accelerator) -> IterableDataset:
         options["model"],
         ip_adapter=options.get("ip_adapter"),
         image_encoder=options.get("image_encoder"),
-        torch_dtype=getattr(torch, dtype),
+        torch_dtype=dtype,
         device=device,
     )
     guidance = load_guidance(
         options.get("mllm") or default_mllm(options["model"]),
         prompt_format=options.get("prompt_format"),
-        torch_dtype=getattr(torch, dtype),
+        torch_dtype=dtype,
         device=device,
     )
     extra = {key: options[key] for key in ("limit", "batch_size", "seed", "rows_per_block") if key in options}

@@ -51,6 +51,7 @@ from diffusers.models.embeddings import ImageProjection
 from PIL import Image
 from torch import nn
 
+from img_guidance.precision import default_dtype
 from img_guidance.shapes.grammar import all_scenes, describe
 from img_guidance.shapes.render import BACKGROUND
 
@@ -421,7 +422,7 @@ class ShapesWorldPipeline:
         scheduler: DDPMScheduler,
         image_encoder: ShapesImageEncoder | None = None,
         image_projection: ImageProjection | None = None,
-        compute_dtype: torch.dtype | None = torch.bfloat16,
+        compute_dtype: torch.dtype | str | None = "auto",
     ) -> None:
         if (image_encoder is None) != (image_projection is None):
             raise ValueError("an adapter needs both an image encoder and an image projection, or neither")
@@ -440,8 +441,10 @@ class ShapesWorldPipeline:
         self.scheduler = scheduler
         self.image_encoder = image_encoder
         self.image_projection = image_projection
-        # sampling runs the UNet under autocast to this dtype (None: the weights' dtype). bfloat16, the
-        # dtype the models were trained in, halves the time on CPUs with AVX512-BF16 / AMX
+        # sampling runs the UNet under autocast to this dtype (None: the weights' dtype; "auto":
+        # bfloat16 where the device has it natively, else none; see img_guidance.precision)
+        if not (compute_dtype is None or compute_dtype == "auto" or isinstance(compute_dtype, torch.dtype)):
+            raise ValueError(f"compute_dtype must be a torch dtype, 'auto' or None, got {compute_dtype!r}")
         self.compute_dtype = compute_dtype
 
     # ---------------------------------------------------------------- building, saving, loading
@@ -661,7 +664,8 @@ class ShapesWorldPipeline:
         prompt and ``negative_image_tokens`` [1, N, 64]; the conditional branch has row i of
         ``image_tokens`` [B, N, 64]. Both branches see the tokens at ``ip_scale``; without tokens the
         scale is 0 and the result is the base model's. DDIM (eta 0): nothing random after the noise.
-        The UNet runs under autocast to :attr:`compute_dtype` (bfloat16 by default).
+        The UNet runs under autocast to :attr:`compute_dtype` ("auto" by default: bfloat16 where the
+        device computes it natively, the weights' dtype elsewhere).
         """
         prompts = list(prompts)
         batch = len(prompts)
@@ -695,8 +699,11 @@ class ShapesWorldPipeline:
         shape = (3, self.unet.config.sample_size, self.unet.config.sample_size)
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators])  # [B, 3, H, W]
         sample = noise.to(device=self.device, dtype=self.dtype) * sampler.init_noise_sigma
+        compute = self.compute_dtype
+        if compute == "auto":
+            compute = default_dtype(self.device) if self.dtype == torch.float32 else None
         autocast = torch.autocast(
-            self.device.type, dtype=self.compute_dtype or self.dtype, enabled=self.compute_dtype is not None
+            self.device.type, dtype=compute or self.dtype, enabled=compute not in (None, self.dtype)
         )
         with self._ip_scale(ip_scale):
             for t in sampler.timesteps:

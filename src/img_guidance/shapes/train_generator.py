@@ -25,9 +25,10 @@ the split (:func:`split_scenes`): two colour-shape kinds never appear in two-gro
 training (they do appear alone and in single-group counts), so attribute binding, counting and
 relations with them are unseen combinations; of the other combinations 10% are held out for
 validation and 10% for test. And by the budget: a 2.5M-parameter UNet, 3000 base steps of batch 32
-(AdamW at 1e-3 with warm-up and cosine decay, bfloat16 autocast: 1.7x faster on CPUs with
-AVX512-BF16 / AMX; pass ``mixed_precision="no"`` on others), 1000 encoder steps of batch 64 and
-1000 adapter steps of batch 32: about 35 minutes on two free cores. The adapter's images span the
+(AdamW at 1e-3 with warm-up and cosine decay; bfloat16 autocast where the CPU computes it
+natively, AVX512-BF16 / AMX, where it is 1.7x faster, float32 elsewhere: see
+:mod:`img_guidance.precision`), 1000 encoder steps of batch 64 and 1000 adapter steps of batch 32:
+about 35 minutes on two free cores of an AMX machine in bf16. The adapter's images span the
 whole world by default (``adapter_scenes="all"``): like a real IP-Adapter it has seen images of
 everything, and the held-out split tests the text pathway.
 """
@@ -47,6 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from img_guidance.precision import resolve_mixed_precision
 from img_guidance.shapes.grammar import (
     CATEGORIES,
     COLOURS,
@@ -414,7 +416,7 @@ def train_base(
     ema_decay: float = 0.999,
     log: Callable[[str], None] = print,
     log_every: int = 100,
-    mixed_precision: str = "bf16",
+    mixed_precision: str | None = None,
 ) -> dict[str, Any]:
     """Stage 1: train the text encoder and the UNet (no adapter) on renders of ``scenes``; the EMA
     weights are copied in at the end. Returns {"seconds", "loss" (mean of the last tenth of steps; None
@@ -449,7 +451,7 @@ def train_adapter(
     ema_decay: float = 0.999,
     log: Callable[[str], None] = print,
     log_every: int = 100,
-    mixed_precision: str = "bf16",
+    mixed_precision: str | None = None,
 ) -> dict[str, Any]:
     """Stage 2b: with the text encoder, the UNet's own weights and the (pretrained) image encoder
     frozen, train the projection and the IP processors' ``to_k_ip`` / ``to_v_ip`` (IP scale 1).
@@ -505,8 +507,7 @@ def _train(
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
-    if mixed_precision not in ("bf16", "no"):
-        raise ValueError(f"mixed_precision must be 'bf16' or 'no', got {mixed_precision!r}")
+    mixed_precision = resolve_mixed_precision(mixed_precision, pipe.device)
     if steps < 0 or batch_size < 1:
         raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {steps} and {batch_size}")
     rng = np.random.default_rng(seed)
@@ -570,7 +571,7 @@ def train_generator(
     adapter_scenes: str = "all",
     unet: dict[str, Any] | None = None,
     base_model: str | os.PathLike | None = None,
-    mixed_precision: str = "bf16",
+    mixed_precision: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train the base generator, then its adapter, and save the model folder to ``output_dir`` (see
@@ -600,6 +601,7 @@ def train_generator(
     else:
         pipe = ShapesWorldPipeline.from_pretrained(base_model, adapter=False)
     log(f"base model: UNet {_millions(pipe.unet)}M, text encoder {_millions(pipe.text_encoder)}M parameters")
+    mixed_precision = resolve_mixed_precision(mixed_precision, pipe.device)  # recorded as resolved
     if base_model is None:
         base = train_base(
             pipe,
