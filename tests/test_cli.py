@@ -76,16 +76,55 @@ def test_demo_runs_img_on_shapesworld_with_the_shipped_models(tmp_path):
     assert outcomes["wins"] + outcomes["ties"] + outcomes["losses"] == 16
     assert outcomes["wins"] == sum(r["img"] == "win" for r in rows)
     assert set(data["models"]) == {"backend", "guidance", "aligner"} and data["ip_scale"] == 0.2
+    # the detector's greedy answer about each initial image, to the question IMG asked of it
+    assert all(isinstance(r["detector_answer"], str) for r in rows)
+    assert any(r["detector_answer"] for r in rows)
+    assert all(r["prompt"] in r["question"] for r in rows)
+    assert f"detector: {rows[0]['detector_answer']!r}" in result.output
     grid = Image.open(tmp_path / "demo" / "demo.png")
     assert grid.height > 16 * 128  # a row per prompt and seed, images enlarged 4x
     assert f"judge: {data['initial_correct']}/16 initial images right" in result.output
+
+
+def test_demo_grid_wraps_the_detector_answer_beside_the_images():
+    import numpy as np
+    from PIL import Image
+
+    from img_guidance.shapes.demo import demo_grid
+
+    verdict = {"correct": True, "score": 1.0}
+    row = {
+        "prompt": "a red circle",
+        "seed": 0,
+        "question": "What would you edit so that the image shows exactly a red circle?",
+        "initial": verdict,
+        "calibrated": verdict,
+        "initial_image": Image.new("RGB", (32, 32), "red"),
+        "calibrated_image": Image.new("RGB", (32, 32), "blue"),
+    }
+    rows = [{**row, "detector_answer": "remove the red circle"}, {**row, "detector_answer": "blue " * 300}]
+    grid = demo_grid(rows).convert("L")
+    label, cell, step = 360, 128, 128 + 14 + 8  # text column, enlarged image, row height
+    assert grid.size == (label + 2 * (cell + 8), 24 + 2 * step)
+    assert grid.getpixel((label + 1, 24 + 1)) < 255  # the initial image, right of the text
+
+    def ink(top, bottom):  # dark pixels in the text column between two heights
+        return int((np.asarray(grid.crop((0, top, label, bottom))) < 128).sum())
+
+    short, long = ink(24, 24 + step), ink(24 + step, 24 + 2 * step)
+    assert 0 < short < long  # the long answer wraps onto more lines ...
+    assert ink(24 + step + cell + 14, 24 + 2 * step) == 0  # ... and is cut before the next row
 
 
 def test_the_shipped_models_are_what_train_all_makes():
     from img_guidance.shapes.train_all import WEIGHTS, ShapesRecipe
 
     report = json.loads((WEIGHTS / "train_all.json").read_text())
-    assert report["recipe"] == json.loads(json.dumps(dataclasses.asdict(ShapesRecipe())))
+    recipe = json.loads(json.dumps(dataclasses.asdict(ShapesRecipe())))
+    # recipe fields added after the shipped run, at defaults that do what that run did
+    added_since = {"pair_generations": 2}
+    assert {k: recipe[k] for k in added_since} == added_since and not set(added_since) & set(report["recipe"])
+    assert report["recipe"] == {k: v for k, v in recipe.items() if k not in added_since}
     assert list(report["stages"]) == ["generator", "detector", "pairs", "features", "aligner"]
     assert report["total_seconds"] < 90 * 60
 

@@ -7,7 +7,13 @@ from PIL import Image
 
 from img_guidance.guidance import LlavaGuidance, load_guidance
 from img_guidance.guidance.llava import expand_to_square, loading_kwargs, mean_colour
-from img_guidance.guidance.prompts import LLAVA_V0_SYSTEM, LLAVA_V1_SYSTEM, build_example, build_prompt
+from img_guidance.guidance.prompts import (
+    LLAVA_V0_SYSTEM,
+    LLAVA_V1_SYSTEM,
+    build_example,
+    build_prompt,
+    clean_answer,
+)
 from img_guidance.presets import GUIDANCE_PRESETS, GuidancePreset
 from tests.factories.llava import HIDDEN_SIZE, IMAGE_TOKENS, make_tiny_llava
 
@@ -159,6 +165,41 @@ def test_guide_input_errors(guidance):
         guidance.guide([], [])
     with pytest.raises(TypeError, match="image 0 is a Tensor"):
         guidance.guide([torch.zeros(3, 28, 28)], [QUESTION])
+
+
+# -- answers ----------------------------------------------------------------------------------------
+
+
+def test_answer_is_greedy_generation_decoded(guidance):
+    images, questions = [picture(28, 28, 1), picture(40, 24, 2)], [OTHER, QUESTION]
+    answers = guidance.answer(images, questions, max_new_tokens=12)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert all(answers) and answers[0] != answers[1]
+    assert guidance.answer(images, questions, max_new_tokens=12) == answers
+    # by hand, one sample at a time (no padding): the batch is left-padded, so it changes nothing
+    tokenizer = guidance.processor.tokenizer
+    for image, question, answer in zip(images, questions, answers, strict=True):
+        square = expand_to_square(image, mean_colour(guidance.processor.image_processor.image_mean))
+        text = build_prompt(guidance.prompt_format, question, guidance.processor)
+        inputs = guidance.processor(images=[square], text=[text], return_tensors="pt")
+        with torch.no_grad():
+            output = guidance.model.generate(
+                **inputs,
+                max_new_tokens=12,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        new = output[0, inputs["input_ids"].shape[1] :]
+        assert answer == clean_answer(guidance.prompt_format, tokenizer.decode(new, skip_special_tokens=True))
+    assert len(guidance.answer(images[:1], questions[:1], max_new_tokens=1)[0]) < len(answers[0])
+
+
+def test_answer_input_errors(guidance):
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got 0"):
+        guidance.answer([picture(28, 28, 0)], [QUESTION], max_new_tokens=0)
+    with pytest.raises(ValueError, match="2 images, 1 questions"):
+        guidance.answer([picture(28, 28, 0)] * 2, [QUESTION])
 
 
 # -- loading ----------------------------------------------------------------------------------------

@@ -9,7 +9,15 @@ from PIL import Image
 
 from img_guidance.data.pairs import PairStats, iter_pairs
 from img_guidance.data.triplets import iter_triplets
-from img_guidance.shapes.data import label_pair, make_pairs, make_triplets, write_pairs, write_triplets
+from img_guidance.shapes.data import (
+    PairCounts,
+    label_pair,
+    make_pairs,
+    make_triplets,
+    png_bytes,
+    write_pairs,
+    write_triplets,
+)
 from img_guidance.shapes.grammar import NO_CHANGE, implies, parse
 from img_guidance.shapes.judge import judge
 from img_guidance.shapes.render import render
@@ -32,27 +40,96 @@ def test_triplets_round_trip_through_the_instructpix2pix_reader(tmp_path):
     assert NO_CHANGE.split()[0] in kinds and len(kinds) >= 3
 
 
-def test_pairs_are_labelled_by_the_judge_and_read_by_the_pickapic_reader(tmp_path):
-    scenes = [parse("a red circle"), parse("a blue square"), parse("two yellow triangles")]
+class FakeGenerator:
+    """A stand-in generator that draws, for each seed, the scene ``draws`` gives it (rendered with
+    that seed), and records its calls."""
 
-    def generate(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
-        # a stand-in generator: odd seeds draw the prompt, even seeds a wrong scene
-        wrong = parse("a green circle")
-        return [render(parse(p) if s % 2 else wrong, seed=s) for p, s in zip(prompts, seeds, strict=True)]
+    def __init__(self, draws: dict[int, str]):
+        self.draws, self.calls = draws, []
 
-    rows = make_pairs(generate, scenes, seeds=lambda i: (2 * i + 1, 2 * i + 2), batch_size=2)
-    assert [(r["label_0"], r["label_1"]) for r in rows] == [(1.0, 0.0)] * 3
+    def __call__(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        self.calls.append((list(prompts), list(seeds)))
+        return [render(parse(self.draws[s]), seed=s) for s in seeds]
+
+
+# Four scenes of four generations; scene i draws seeds 100 + 4 * i + k. The judge scores a draw
+# against its scene's prompt: the prompt itself 1, a near miss 2/3 (the red circle with an extra blue
+# square; one blue square for two), an unrelated scene 0.
+PAIR_SCENES = ["a red circle", "two blue squares", "a green triangle", "a yellow circle"]
+PAIR_DRAWS = [
+    # best: 1 (first of the two 1s), worst: 2 -> jpg_0 preferred
+    ["a red circle to the left of a blue square", "a red circle", "a green triangle", "a red circle"],
+    # best: 3, worst: 0 (first of the two 0s) -> jpg_1 preferred
+    ["a red circle", "a blue square", "a red circle", "two blue squares"],
+    # all right: a tie, dropped
+    ["a green triangle"] * 4,
+    # all wrong: a tie, dropped
+    ["a red square", "two blue circles", "a green triangle", "a blue square"],
+]
+
+
+def pair_seeds(i: int) -> list[int]:
+    return [100 + 4 * i + k for k in range(4)]
+
+
+def test_pairs_are_best_against_worst_read_by_the_pickapic_reader(tmp_path):
+    scenes = [parse(p) for p in PAIR_SCENES]
+    draws = {seed: scene for i in range(4) for seed, scene in zip(pair_seeds(i), PAIR_DRAWS[i], strict=True)}
+    generate, done = FakeGenerator(draws), []
+    rows, counts = make_pairs(
+        generate, scenes, generations=4, seeds=pair_seeds, batch_size=3, progress=lambda *a: done.append(a)
+    )
+    # one generate call per generation index per chunk of scenes, with scene i's k-th seed
+    chunks = [range(0, 3), range(3, 4)]
+    assert generate.calls == [
+        ([PAIR_SCENES[i] for i in chunk], [pair_seeds(i)[k] for i in chunk])
+        for chunk in chunks
+        for k in range(4)
+    ]
+    assert done == [(3, 4), (4, 4)]
+    assert counts == PairCounts(prompts=4, images=16, pairs=2, ties_dropped=2)
+    # best and worst in generation order, the lowest index taken among equal scores
+    assert [r["ranking_id"] for r in rows] == [0, 1]
+    assert [(r["label_0"], r["label_1"]) for r in rows] == [(1.0, 0.0), (0.0, 1.0)]
+    drawn = {s: png_bytes(render(parse(draws[s]), seed=s)) for s in draws}
+    assert (rows[0]["jpg_0"], rows[0]["jpg_1"]) == (drawn[101], drawn[102])
+    assert (rows[1]["jpg_0"], rows[1]["jpg_1"]) == (drawn[104], drawn[107])
+    assert drawn[101] != drawn[103] and drawn[104] != drawn[106]  # the tie-break is visible
+    again, _ = make_pairs(FakeGenerator(draws), scenes, generations=4, seeds=pair_seeds, batch_size=3)
+    assert again == rows
+    # the real reader: captions, the preferred image right, the unpreferred one wrong, nothing dropped
     stats = PairStats()
     pairs = list(iter_pairs(write_pairs(tmp_path / "pairs.parquet", rows), stats=stats))
-    assert [p.prompt for p in pairs] == ["a red circle", "a blue square", "two yellow triangles"]
-    assert judge(pairs[0].preferred, scenes[0]).correct and not judge(pairs[0].unpreferred, scenes[0]).correct
-    # equal scores tie, and the reader drops ties
-    ties = make_pairs(lambda p, s: [render(parse(x), seed=0) for x in p], scenes[:1], seeds=(1, 2))
-    assert (ties[0]["label_0"], ties[0]["label_1"]) == (0.5, 0.5)
-    stats = PairStats()
-    assert list(iter_pairs(write_pairs(tmp_path / "ties.parquet", ties), stats=stats)) == []
-    assert stats.ties == 1
-    assert label_pair(0.5, 1.0) == (0.0, 1.0)
+    assert [p.prompt for p in pairs] == ["a red circle", "two blue squares"]
+    assert (stats.rows, stats.pairs, stats.ties, stats.unlabeled) == (2, 2, 0, 0)
+    for pair, scene in zip(pairs, scenes[:2], strict=True):
+        assert judge(pair.preferred, scene).score == 1.0 and judge(pair.unpreferred, scene).score == 0.0
+    assert label_pair(0.5, 1.0) == (0.0, 1.0) and label_pair(0.5, 0.5) == (0.5, 0.5)
+
+
+def test_pairs_of_a_scene_drawn_alike_are_dropped():
+    generate = FakeGenerator({1: "a red circle", 2: "a red circle"})
+    rows, counts = make_pairs(generate, [parse("a red circle")], generations=2, seeds=(1, 2))
+    assert rows == [] and counts == PairCounts(prompts=1, images=2, pairs=0, ties_dropped=1)
+    assert generate.calls == [(["a red circle"], [1]), (["a red circle"], [2])]
+
+
+@pytest.mark.parametrize(
+    ("generations", "seeds", "match"),
+    [
+        (1, (1,), "generations >= 2.*got 1"),
+        (0, (), "generations >= 2.*got 0"),
+        (4, (1, 2, 3), r"generations=4 needs 4 seeds.*scene 0 \('a red circle'\) has 3: \[1, 2, 3\]"),
+        (2, lambda i: [1, 2] if i == 0 else [3], r"scene 1 \('a blue square'\) has 1: \[3\]"),
+    ],
+)
+def test_make_pairs_checks_generations_and_seeds_before_generating(generations, seeds, match):
+    generate = FakeGenerator({})
+    with pytest.raises(ValueError, match=match):
+        make_pairs(
+            generate, [parse("a red circle"), parse("a blue square")], generations=generations, seeds=seeds
+        )
+    assert generate.calls == []
 
 
 def test_the_world_llava_reads_world_texts_without_unknown_words(tmp_path):

@@ -4,7 +4,8 @@ The guidance is read the way the official IMG code reads its detector: one forwa
 generation, the last hidden layer (after the final norm) for every token: system text, all image
 tokens, the question and the assistant tag. Unlike the official code it runs batches: samples are
 right-padded, so padding never changes a real token's states (causal attention), and an attention
-mask says which rows are real.
+mask says which rows are real. (:meth:`TransformersGuidance.answer` does generate text, greedily:
+to show what the detector says, and to score a finetuned detector; IMG never uses it.)
 
 Images are padded to a square with the image processor's mean colour before processing, as
 LLaVA-1.5 does (``image_aspect_ratio: pad``), so no part of a non-square image is cropped away.
@@ -246,6 +247,36 @@ class TransformersGuidance(GuidanceModel):
         mask = inputs["attention_mask"].to(torch.bool)
         hidden = hidden.masked_fill(~mask[..., None], 0)
         return GuidanceOutput(hidden_states=hidden, attention_mask=mask, texts=texts)
+
+    def answer(
+        self, images: Sequence[Image], questions: Sequence[str], *, max_new_tokens: int = 16
+    ) -> list[str]:
+        """The model's greedy answer to each (already filled) question about its image, as text.
+
+        The prompt is the one :meth:`guide` reads; the batch is left-padded, as generation needs,
+        and each answer is cut at the end of its turn (:func:`~img_guidance.guidance.prompts.clean_answer`).
+        """
+        import torch
+
+        from img_guidance.guidance.prompts import clean_answer
+
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        inputs = self.encode(images, self.prompts(questions), padding_side="left")
+        # Devices only: the vision encoder casts pixel values to its weights' dtype itself.
+        inputs = {k: v.to(self._device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        with torch.no_grad(), self._on_device():
+            output = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        new = output[:, inputs["input_ids"].shape[1] :]  # [B, prompt + new] -> [B, new]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [clean_answer(self.prompt_format, text) for text in texts]
 
     def describe(self) -> dict[str, str]:
         return {"family": self.family, "model": self.location, "prompt_format": self.prompt_format}

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from img_guidance.precision import resolve_dtype
 from img_guidance.recipes.checkpoint import (
     STATE_FILE,
     checkpoint_name,
@@ -133,7 +134,7 @@ class FinetuneConfig:
     freeze_vision: bool = True
     train_projector: bool = True
     quantization: str | None = None  # 4bit / 8bit base weights (QLoRA; bitsandbytes and a GPU)
-    dtype: str | None = None  # frozen weights' dtype; None: bfloat16 on CUDA, float32 elsewhere
+    dtype: str | None = None  # frozen weights' dtype; None: bfloat16 where native, else float32
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     # optimisation
@@ -344,7 +345,7 @@ def load_detector(cfg: FinetuneConfig, device: torch.device) -> TransformersGuid
     from img_guidance.guidance import load_guidance
     from img_guidance.guidance.llava import TransformersGuidance
 
-    dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = resolve_dtype(cfg.dtype, device)
     try:
         detector = load_guidance(
             cfg.model,
@@ -357,7 +358,7 @@ def load_detector(cfg: FinetuneConfig, device: torch.device) -> TransformersGuid
         raise ConfigError(f"model {cfg.model}: {err}") from err
     if not isinstance(detector, TransformersGuidance):
         raise ConfigError(f"model {cfg.model} is not a transformers MLLM the recipe can finetune")
-    detector.dtype = getattr(torch, dtype)
+    detector.dtype = dtype
     if os.path.exists(detector.location):  # the base an unmerged adapter names
         detector.location = os.path.abspath(detector.location)
     return detector
@@ -545,35 +546,6 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 
 @torch.no_grad()
-def generate_answers(
-    model,
-    detector: TransformersGuidance,
-    build: ExampleBuilder,
-    triplets: Sequence[InstructionTriplet],
-    *,
-    max_new_tokens: int,
-) -> list[str]:
-    """Greedy answers of ``model`` (the detector being trained) to the triplets' questions."""
-    from img_guidance.guidance.prompts import clean_answer
-
-    questions = [build.question(t) for t in triplets]
-    inputs = detector.encode([t.image for t in triplets], detector.prompts(questions), padding_side="left")
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    tokenizer = getattr(detector.processor, "tokenizer", detector.processor)
-    output = model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    new = output[:, inputs["input_ids"].shape[1] :]
-    texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-    return [clean_answer(detector.prompt_format, text) for text in texts]
-
-
-@torch.no_grad()
 def evaluate(
     accelerator, model, detector, build: ExampleBuilder, triplets, cfg: FinetuneConfig
 ) -> dict[str, Any]:
@@ -595,8 +567,11 @@ def evaluate(
         labels = batch["labels"].to(accelerator.device)
         with accelerator.autocast():
             loss = unwrapped(**inputs, labels=labels, use_cache=False).loss
-            answers = generate_answers(
-                unwrapped, detector, build, chunk, max_new_tokens=cfg.eval_max_new_tokens
+            # the detector wraps the model being trained: peft and accelerate wrap it without a copy
+            answers = detector.answer(
+                [t.image for t in chunk],
+                [build.question(t) for t in chunk],
+                max_new_tokens=cfg.eval_max_new_tokens,
             )
         tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
         for triplet, answer in zip(chunk, answers, strict=True):

@@ -8,11 +8,12 @@ own readers, feature stage and recipes consume it unchanged.
   time (a near miss, as a generator's mistakes are), sometimes B itself ("no change"), sometimes
   any other scene. Read back by :func:`img_guidance.data.triplets.iter_triplets`.
 - Preference pairs (:func:`write_pairs`): the Pick-a-Pic v2 parquet schema (``caption``, ``jpg_0``,
-  ``jpg_1``, ``label_0``, ``label_1``, ``has_label``, ``ranking_id``): two generations per prompt
-  (two seeds), labelled by the judge's score; equal scores are ties (0.5, 0.5), which the pair
-  reader drops. Images are stored as PNG (lossless: a 32 px JPEG would shift the colours the judge
-  reads); the reader decodes any format PIL knows. Read back by
-  :func:`img_guidance.data.pairs.iter_pairs`.
+  ``jpg_1``, ``label_0``, ``label_1``, ``has_label``, ``ranking_id``): N generations per prompt
+  (N seeds), all judged; a row is the best-scoring of them against the worst-scoring, in generation
+  order, labelled by the judge's scores. A prompt whose N images all score alike gives no row (a tie
+  teaches nothing) and is counted (:class:`PairCounts`). Images are stored as PNG (lossless: a 32 px
+  JPEG would shift the colours the judge reads); the reader decodes any format PIL knows. Read back
+  by :func:`img_guidance.data.pairs.iter_pairs`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,43 +110,80 @@ def label_pair(score_0: float, score_1: float) -> tuple[float, float]:
     return (1.0, 0.0) if score_0 > score_1 else (0.0, 1.0)
 
 
+@dataclass
+class PairCounts:
+    """What :func:`make_pairs` made: ``prompts == pairs + ties_dropped``."""
+
+    prompts: int = 0  # scenes generated for
+    images: int = 0  # generations judged (``generations`` per prompt)
+    pairs: int = 0  # rows: best against worst
+    ties_dropped: int = 0  # prompts whose images all scored alike
+
+
 def make_pairs(
     generate: Callable[[list[str], list[int]], list[Image.Image]],
     scenes: Sequence[SceneSpec],
     *,
-    seeds: tuple[int, int] | Callable[[int], tuple[int, int]],
+    generations: int = 4,
+    seeds: Callable[[int], Sequence[int]] | Sequence[int],
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
-) -> list[dict[str, Any]]:
-    """Two generations per scene (``generate(prompts, seeds)``; the seeds of scene i are
-    ``seeds(i)``, or the same two for all), judged and labelled: rows of the Pick-a-Pic schema,
-    ties included (the reader drops them)."""
+) -> tuple[list[dict[str, Any]], PairCounts]:
+    """``generations`` images per scene (``generate(prompts, seeds)``, called once per generation
+    index per ``batch_size`` scenes; the seeds of scene i are ``seeds(i)``, or the same ones for all),
+    every one judged. A scene's row (Pick-a-Pic schema) is its best-scoring image against its
+    worst-scoring one, in generation order, labelled by :func:`label_pair`; among images of equal
+    score the lowest generation index is taken. Scenes whose images all score alike give no row.
+    ``progress(done, total)`` is called with the scenes done after each batch."""
     from img_guidance.shapes.judge import judge
 
-    seed_of = seeds if callable(seeds) else (lambda i: seeds)
-    rows = []
+    # 1. Check inputs (every scene's seeds, before any generation)
+    if generations < 2:
+        raise ValueError(f"make_pairs needs generations >= 2 (a best and a worst image), got {generations}")
+    if batch_size < 1:
+        raise ValueError(f"make_pairs needs batch_size >= 1, got {batch_size}")
+    seed_lists = [list(seeds(i) if callable(seeds) else seeds) for i in range(len(scenes))]
+    for i, scene_seeds in enumerate(seed_lists):
+        if len(scene_seeds) != generations:
+            raise ValueError(
+                f"generations={generations} needs {generations} seeds per scene, but scene {i} "
+                f"({describe(scenes[i])!r}) has {len(scene_seeds)}: {scene_seeds}"
+            )
+
+    rows, counts = [], PairCounts()
     for begin in range(0, len(scenes), batch_size):
-        chunk = list(range(begin, min(begin + batch_size, len(scenes))))
+        chunk = range(begin, min(begin + batch_size, len(scenes)))
         prompts = [describe(scenes[i]) for i in chunk]
-        first = generate(prompts, [seed_of(i)[0] for i in chunk])
-        second = generate(prompts, [seed_of(i)[1] for i in chunk])
-        for i, prompt, image_0, image_1 in zip(chunk, prompts, first, second, strict=True):
-            score_0, score_1 = judge(image_0, scenes[i]).score, judge(image_1, scenes[i]).score
-            label_0, label_1 = label_pair(score_0, score_1)
+        # 2. Generate: images[k][j] is generation k of scene chunk[j]
+        images = [generate(prompts, [seed_lists[i][k] for i in chunk]) for k in range(generations)]
+        for i, prompt, scene_images in zip(chunk, prompts, zip(*images, strict=True), strict=True):
+            # 3. Judge every image; max/min return the first of equal scores: the lowest index
+            scores = [judge(image, scenes[i]).score for image in scene_images]
+            best = max(range(generations), key=scores.__getitem__)
+            worst = min(range(generations), key=scores.__getitem__)
+            counts.prompts += 1
+            counts.images += generations
+            if scores[best] == scores[worst]:
+                counts.ties_dropped += 1
+                continue
+            # 4. The pair, in generation order so that the preferred side carries no position bias
+            first, second = sorted((best, worst))
+            label_0, label_1 = label_pair(scores[first], scores[second])
             rows.append(
                 {
                     "caption": prompt,
-                    "jpg_0": png_bytes(image_0),
-                    "jpg_1": png_bytes(image_1),
+                    "jpg_0": png_bytes(scene_images[first]),
+                    "jpg_1": png_bytes(scene_images[second]),
                     "label_0": label_0,
                     "label_1": label_1,
                     "has_label": True,
                     "ranking_id": i,
                 }
             )
+            counts.pairs += 1
         if progress is not None:
-            progress(min(begin + batch_size, len(scenes)), len(scenes))
-    return rows
+            progress(chunk.stop, len(scenes))
+    return rows, counts
 
 
 def write_pairs(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path:

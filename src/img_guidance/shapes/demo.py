@@ -3,8 +3,11 @@
 The shipped generator makes an image per prompt; the shipped detector (the world's tiny LLaVA,
 finetuned by the detector recipe) reads it with a question; the shipped aligner edits the image's
 IP tokens; the generator re-generates with the same seed. The judge reads both images. Writes
-``OUT/demo.png`` (a row per prompt: initial | calibrated, 4x enlarged, with the judge's verdicts)
-and ``OUT/demo.json`` (per prompt: the question asked, the verdicts, IMG's outcome; totals).
+``OUT/demo.png`` (a row per prompt: the question asked and the detector's greedy answer to it about
+the initial image | initial | calibrated, 4x enlarged, with the judge's verdicts) and
+``OUT/demo.json`` (per prompt: the question asked, the detector's answer, the verdicts, IMG's
+outcome; totals). IMG reads the detector's hidden states, not its answer: the answer shows what
+the detector made of the image.
 The prompts are fixed, one or two per category, not picked for the result.
 """
 
@@ -29,27 +32,50 @@ DEMO_PROMPTS = (
 )
 DEMO_SEEDS = (0, 1)
 SCALE = 4
+LINE = 12  # pixels per line of text in the default font
 
 
 def _mark(correct: bool | None) -> str:
     return {True: "right", False: "wrong", None: "undecided"}[correct]
 
 
+def _wrap(draw, text: str, width: int) -> list[str]:
+    """``text`` broken at spaces into lines at most ``width`` pixels wide (a longer word stays whole)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def demo_grid(rows: Sequence[dict[str, Any]]):
-    """A PIL image: per row the prompt and seed, the initial and the calibrated image enlarged,
-    each with the judge's verdict under it."""
+    """A PIL image: per row the prompt and seed, the question asked and the detector's answer
+    (wrapped), then the initial and the calibrated image enlarged, each with the judge's verdict
+    under it."""
     from PIL import Image, ImageDraw
 
     cell = rows[0]["initial_image"].width * SCALE
-    label_width, caption, gap = 300, 14, 8
+    label_width, caption, gap = 360, 14, 8
     height = len(rows) * (cell + caption + gap) + 24
     canvas = Image.new("RGB", (label_width + 2 * (cell + gap), height), "white")
     draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), "prompt / question / detector's answer (initial image)", fill="black")
     draw.text((label_width, 4), "initial", fill="black")
     draw.text((label_width + cell + gap, 4), "calibrated (IMG)", fill="black")
+    text_width, fit = label_width - 16, (cell + caption) // LINE
     y = 24
     for row in rows:
-        draw.text((4, y + cell // 2 - 6), f"{row['prompt']} (seed {row['seed']})", fill="black")
+        answer = row["detector_answer"] or "(no answer)"
+        lines = [(f"{row['prompt']} (seed {row['seed']})", "black")]
+        lines += [(line, (110, 110, 110)) for line in _wrap(draw, f"Q: {row['question']}", text_width)]
+        lines += [(line, (0, 60, 160)) for line in _wrap(draw, f"detector: {answer}", text_width)]
+        if len(lines) > fit:  # a rambling answer keeps its first lines
+            lines = lines[:fit]
+            lines[-1] = (lines[-1][0] + " ...", lines[-1][1])
+        for i, (line, colour) in enumerate(lines):
+            draw.text((4, y + i * LINE), line, fill=colour)
         for column, key in enumerate(("initial", "calibrated")):
             x = label_width + column * (cell + gap)
             image = row[f"{key}_image"].resize((cell, cell), Image.NEAREST)
@@ -91,6 +117,7 @@ def run_demo(
     import torch
     from transformers.utils import logging as hf_logging
 
+    from img_guidance.guidance.llava import TransformersGuidance
     from img_guidance.pipeline import IMGPipeline
     from img_guidance.shapes.grammar import parse
     from img_guidance.shapes.judge import judge, outcome, win_tie_loss
@@ -109,9 +136,16 @@ def run_demo(
         if bars:
             hf_logging.enable_progress_bar()
     loaded = time.perf_counter() - start
+    if not isinstance(pipe.guidance, TransformersGuidance):
+        raise TypeError(
+            "the demo shows the detector's answers, but the shapes preset's guidance is a "
+            f"{type(pipe.guidance).__name__}, which cannot generate text"
+        )
     all_prompts = [p for p in prompts for _ in seeds]
     all_seeds = [s for _ in prompts for s in seeds]
     result = pipe(all_prompts, all_seeds, rounds=1, passes=3)
+    asked = result.rounds[0].questions  # of the initial images
+    answers = pipe.guidance.answer(result.initial, asked)
     rows, before, after = [], [], []
     for i, (prompt, seed) in enumerate(zip(all_prompts, all_seeds, strict=True)):
         initial, calibrated = result.initial[i], result.rounds[-1].calibrated[i]
@@ -122,7 +156,8 @@ def run_demo(
             {
                 "prompt": prompt,
                 "seed": seed,
-                "question": result.rounds[-1].questions[i],
+                "question": asked[i],
+                "detector_answer": answers[i],
                 "initial": verdict_dict(a),
                 "calibrated": verdict_dict(b),
                 "img": outcome(b, a),
@@ -148,7 +183,8 @@ def run_demo(
     for row in rows:
         log(
             f"{row['prompt']!r} seed {row['seed']}: initial {_mark(row['initial']['correct'])}, "
-            f"calibrated {_mark(row['calibrated']['correct'])} ({row['img']})"
+            f"calibrated {_mark(row['calibrated']['correct'])} ({row['img']}); "
+            f"detector: {row['detector_answer']!r}"
         )
     n = len(rows)
     log(

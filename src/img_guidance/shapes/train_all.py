@@ -8,8 +8,9 @@
    ``OUT/detector_base``, kept for the untrained-detector ablation), finetuned by the detector recipe
    (:func:`~img_guidance.recipes.finetune_detector.finetune`) on triplets the world writes in the
    InstructPix2Pix schema (``OUT/data/triplets.parquet``) -> ``OUT/detector``.
-3. ``pairs``: two generations per training prompt, labelled by the judge, in the Pick-a-Pic schema
-   (``OUT/data/pairs.parquet``).
+3. ``pairs``: ``pair_generations`` generations per training prompt, judged; the best against the
+   worst, labelled by the judge, in the Pick-a-Pic schema (``OUT/data/pairs.parquet``); prompts whose
+   generations all score alike give no pair.
 4. ``features``: the project's feature stage (:func:`~img_guidance.features.extract.extract_features`)
    with the generator's image tokens and the detector's guidance -> ``OUT/features``.
 5. ``aligner``: the aligner recipe (:func:`~img_guidance.recipes.train_aligner.train`) on that cache
@@ -59,6 +60,7 @@ class ShapesRecipe:
     detector_val_rows: int = 200
     # pairs (stage 3)
     pair_prompts: int = 2000
+    pair_generations: int = 2  # best vs worst of this many (2: the shipped run's seeds)
     # aligner (stage 5)
     aligner_depth: int = 2
     aligner_heads: int = 4
@@ -87,6 +89,7 @@ class ShapesRecipe:
             detector_batch=4,
             detector_val_rows=8,
             pair_prompts=24,
+            pair_generations=2,
             aligner_steps=6,
             aligner_batch=4,
         )
@@ -201,21 +204,23 @@ def stage_pairs(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -> 
 
     backend = ShapesBackend.from_pretrained(out / "generator")
     scenes = balanced_scenes(training_scenes(recipe.seed), recipe.pair_prompts, recipe.seed)
-    base = PAIR_SEED_OFFSET + 2 * recipe.seed * recipe.pair_prompts
-    rows = make_pairs(
+    # scene i's seeds are base + n * i + k (k < n): no two scenes, nor two recipe seeds, share one
+    n = recipe.pair_generations
+    base = PAIR_SEED_OFFSET + recipe.seed * n * recipe.pair_prompts
+    rows, counts = make_pairs(
         lambda prompts, seeds: backend.generate(prompts, seeds),
         scenes,
-        seeds=lambda i: (base + 2 * i, base + 2 * i + 1),
+        generations=n,
+        seeds=lambda i: range(base + n * i, base + n * (i + 1)),
         progress=lambda done, total: log(f"pairs: {done}/{total} prompts generated and judged"),
     )
-    ties = sum(r["label_0"] == r["label_1"] for r in rows)
-    if ties == len(rows):
+    if not rows:
         raise RuntimeError(
-            f"the judge scored both images of every one of the {len(rows)} prompts alike: no preference "
-            "pair to train on (is the generator trained?)"
+            f"the judge scored all {n} images of every one of the {counts.prompts} prompts alike: no "
+            "preference pair to train on (is the generator trained?)"
         )
     write_pairs(out / "data" / "pairs.parquet", rows)
-    return {"prompts": len(rows), "ties": ties, "pairs": len(rows) - ties}
+    return asdict(counts)
 
 
 def stage_features(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -> dict[str, Any]:
