@@ -10,6 +10,7 @@ IP-Adapter processors and the image projection train together, each row conditio
 ``--conditions`` says (text only, text + image, image only, neither). A dropped image is zero tokens,
 which add exactly nothing (the text-only model). The image a row encodes is its own target render,
 objects jittered by up to 1.5 px, blurred and noised: the adapter learns to reproduce what it encodes.
+``--train-encoder`` trains the (pretrained) image encoder end to end with the rest.
 ``--tokens N`` uses a diffusers ``ImageProjection`` with N tokens; ``--coords`` appends x and y
 channels to the UNet's input so that its queries can know where they are.
 
@@ -88,6 +89,9 @@ def train(pipe, args, log) -> float:
     tg.pretrain_image_encoder(pipe, all_scenes(), steps=args.encoder_steps, seed=args.seed + 2, log=log)
     pipe.image_encoder.requires_grad_(False)
     params = [*pipe.text_encoder.parameters(), *pipe.unet.parameters(), *pipe.image_projection.parameters()]
+    if args.train_encoder:  # from its pretrained weights, end to end with the rest
+        params += list(pipe.image_encoder.parameters())
+        pipe.image_encoder.train()
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -186,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokens", type=int, default=4)
     parser.add_argument("--coords", action="store_true")
+    parser.add_argument("--train-encoder", action="store_true", help="train the image encoder too")
     parser.add_argument("--conditions", type=float, nargs=4, default=[0.4, 0.3, 0.2, 0.1])
     parser.add_argument("--eval-scenes", type=int, default=213)
     parser.add_argument("--sampling-steps", type=int, default=20)

@@ -19,7 +19,7 @@ def test_the_probe_trains_jointly_and_reports_the_oracle_rows(tmp_path):
     probe = load_probe()
     out = tmp_path / "probe"
     args = ["--out", str(out), "--tiny", "--steps", "2", "--encoder-steps", "2", "--batch", "4"]
-    args += ["--eval-scenes", "3", "--sampling-steps", "2", "--tokens", "16", "--coords"]
+    args += ["--eval-scenes", "3", "--sampling-steps", "2", "--tokens", "16", "--coords", "--train-encoder"]
     report = probe.main(args)
     assert json.loads(Path(f"{out}.json").read_text()) == json.loads(json.dumps(report))
     assert set(report["rows"]) == {
