@@ -13,6 +13,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from img_guidance.precision import DTYPE_NAMES
+
 app = typer.Typer(
     name="img-guidance",
     help="IMG (Implicit Multimodal Guidance): calibrate text-to-image diffusion models.",
@@ -23,7 +25,7 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 errors = Console(stderr=True)
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = DTYPE_NAMES
 
 
 def fail(message: str) -> typer.Exit:

@@ -3,8 +3,8 @@
 bfloat16 halves memory traffic and, on hardware with native bf16 arithmetic, the time too: every
 CUDA GPU this project targets, and CPUs with AVX512-BF16 or AMX. Elsewhere torch emulates it, and
 autocast to bf16 is many times *slower* than float32: 16 ShapesWorld images took 183.6 s under bf16
-autocast against 8.1 s in float32 on a 2-core AMD EPYC with AVX2 only. So bf16 is the default only
-where it is native; everything that has a dtype or mixed-precision setting asks
+autocast against 8.1 s in float32 on a 2-core AMD EPYC with AVX2 only (measured for issue 12).
+So bf16 is the default only where it is native; everything that has a dtype or mixed-precision setting asks
 :func:`default_dtype` / :func:`default_mixed_precision` when the user gave none, and a user's
 ``--dtype`` or config key always wins (:func:`resolve_dtype`).
 
@@ -12,14 +12,18 @@ The CPU check follows what torch and oneDNN will actually run: ``ATEN_CPU_CAPABI
 or ``ONEDNN_MAX_CPU_ISA`` below AVX512_CORE_BF16 (e.g. ``ONEDNN_MAX_CPU_ISA=AVX2
 ATEN_CPU_CAPABILITY=avx2``, which makes an AMX machine behave like an AVX2-only one) count as no
 native bf16.
+
+torch is imported inside the functions, so that the CLI and the guidance module can share
+:data:`DTYPE_NAMES` without loading it.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 MixedPrecision = Literal["no", "bf16"]
@@ -31,6 +35,8 @@ _BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10"
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX) *and* torch and oneDNN are
     allowed to use it (see the module docstring for the environment variables that cap them)."""
+    import torch
+
     if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
         return False
     if not torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512"):
@@ -42,6 +48,8 @@ def cpu_has_native_bf16() -> bool:
 def has_native_bf16(device: str | torch.device) -> bool:
     """Whether ``device`` computes bfloat16 natively: CUDA GPUs that support it, or
     :func:`cpu_has_native_bf16` for the CPU; False for other device types."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -53,6 +61,8 @@ def has_native_bf16(device: str | torch.device) -> bool:
 def default_dtype(device: str | torch.device) -> torch.dtype:
     """The dtype to compute in on ``device`` when the user chose none: bfloat16 where it is native
     (:func:`has_native_bf16`), float32 otherwise."""
+    import torch
+
     return torch.bfloat16 if has_native_bf16(device) else torch.float32
 
 
@@ -78,6 +88,8 @@ def resolve_mixed_precision(value: str | bool | None, device: str | torch.device
 def resolve_dtype(value: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
     """A user's dtype setting -> a torch dtype: None or ``"auto"`` -> :func:`default_dtype`, a name
     in :data:`DTYPE_NAMES` or a torch dtype -> itself. Anything else raises a ValueError naming it."""
+    import torch
+
     if value is None or value == "auto":
         return default_dtype(device)
     if isinstance(value, torch.dtype):
@@ -91,6 +103,8 @@ def resolve_dtype(value: str | torch.dtype | None, device: str | torch.device) -
 def describe_cpu() -> str:
     """One line naming this machine's CPU and what torch runs on it, for timings in reports:
     e.g. ``"AMD EPYC (2 cores, torch AVX2, native bf16: no)"``."""
+    import torch
+
     name = _cpu_model_name() or "unknown CPU"
     cores = os.cpu_count() or 0
     capability = torch.backends.cpu.get_cpu_capability()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from img_guidance.guidance.base import GuidanceModel, GuidanceOutput
 from img_guidance.guidance.prompts import build_example, build_prompt, check_format
 from img_guidance.hub import pretrained_location
+from img_guidance.precision import DTYPE_NAMES
 
 if TYPE_CHECKING:
     import torch
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 OFFLOAD_MODES = ("none", "model", "sequential")
 QUANTIZATIONS = ("8bit", "4bit")
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
 def resolve_dtype(torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
