@@ -11,8 +11,12 @@ IP-Adapter processors and the image projection train together, each row conditio
 which add exactly nothing (the text-only model). The image a row encodes is its own target render,
 objects jittered by up to 1.5 px, blurred and noised: the adapter learns to reproduce what it encodes.
 ``--train-encoder`` trains the (pretrained) image encoder end to end with the rest.
-``--tokens N`` uses a diffusers ``ImageProjection`` with N tokens; ``--coords`` appends x and y
-channels to the UNet's input so that its queries can know where they are.
+``--spatial`` makes one token per cell of the encoder's last 4 x 4 feature map (its features plus a
+learned position: IP-Adapter-Plus's spatial tokens, without the resampler). ``--tokens N`` uses a
+diffusers ``ImageProjection`` with N tokens; ``--coords`` appends x and y channels to the UNet's
+input so that its queries can know where they are. ``--snr-gamma none`` trains on plain v-MSE
+instead of Min-SNR-5 (which gives the high-noise steps, where a scene's layout is decided, almost
+no weight).
 
 Evaluation (validation split, seed i for scene i; nothing here looks at the test split):
 - base: the prompt, no tokens;
@@ -49,6 +53,23 @@ def coordinate_channels(sample: torch.Tensor) -> torch.Tensor:
     return torch.cat([sample, xs, ys], 1)
 
 
+class SpatialTokens(torch.nn.Module):
+    """IP-Adapter-Plus-like tokens from the image encoder's spatial map: its last feature map
+    [B, C, s, s] (4 x 4 at 32 px) -> s * s tokens, each a cell's features linearly mapped to the token
+    width plus a learned embedding of the cell's position, layer-normed -> [B, s * s, width]."""
+
+    def __init__(self, channels: int, cells: int, width: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(channels, width)
+        self.position = torch.nn.Parameter(torch.randn(cells, width) * 0.5)
+        self.norm = torch.nn.LayerNorm(width)
+        self.num_image_text_embeds = cells
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        cells = features.flatten(2).transpose(1, 2)  # [B, C, s, s] -> [B, s * s, C]
+        return self.norm(self.proj(cells) + self.position)
+
+
 def build(args):
     from diffusers import UNet2DConditionModel
     from diffusers.models.embeddings import ImageProjection
@@ -70,6 +91,16 @@ def build(args):
                 cross_attention_dim=TEXT_WIDTH,
                 num_image_text_embeds=args.tokens,
             )
+    if args.spatial:
+        encoder = pipe.image_encoder
+        side = encoder.config.image_size // 2 ** len(encoder.config.channels)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed + 5)
+            pipe.image_projection = SpatialTokens(encoder.config.channels[-1], side * side, TEXT_WIDTH)
+        pipe.image_tokens = types.MethodType(
+            lambda self, pixels: self.image_projection(self.image_encoder.features(pixels.to(self.dtype))),
+            pipe,
+        )
     if args.coords:
         plain = pipe.denoise
         pipe.denoise = types.MethodType(
@@ -113,7 +144,9 @@ def train(pipe, args, log) -> float:
         references = to_pixels(tg.reference_images(specs, layouts, rng, same_layout=1.0))
         keep = torch.from_numpy(np.isin(kinds, (1, 2)))
         tokens = pipe.image_tokens(references) * keep[:, None, None].float()  # dropped: zero tokens
-        loss = tg.denoising_loss(pipe, to_pixels(images), prompts, generator, image_tokens=tokens)
+        loss = tg.denoising_loss(
+            pipe, to_pixels(images), prompts, generator, image_tokens=tokens, snr_gamma=args.snr_gamma
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -147,7 +180,7 @@ def evaluate(pipe, args, log) -> dict:
             for i, s in enumerate(scenes)
         ]
     )
-    zero = torch.zeros(1, *pipe.token_shape)
+    zero = torch.zeros(1, *oracle.shape[1:])
     rows = {
         "base": (prompts, None, 0.0),
         "oracle, empty prompt, IP 1.0": ([""] * len(scenes), oracle, 1.0),
@@ -190,8 +223,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokens", type=int, default=4)
     parser.add_argument("--coords", action="store_true")
+    parser.add_argument("--spatial", action="store_true", help="one token per cell of the encoder's map")
     parser.add_argument("--train-encoder", action="store_true", help="train the image encoder too")
     parser.add_argument("--conditions", type=float, nargs=4, default=[0.4, 0.3, 0.2, 0.1])
+    parser.add_argument(
+        "--snr-gamma",
+        type=lambda v: None if v.lower() == "none" else float(v),
+        default=5.0,
+        help="Min-SNR gamma of the loss, or none for plain v-MSE",
+    )
     parser.add_argument("--eval-scenes", type=int, default=213)
     parser.add_argument("--sampling-steps", type=int, default=20)
     parser.add_argument("--tiny", action="store_true", help="a tiny UNet (tests)")

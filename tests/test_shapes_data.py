@@ -203,5 +203,8 @@ def test_judge_names_a_prompt_outside_the_grammar(tmp_path):
     _output_folder(tmp_path, [("a purple hexagon", 0, image, image)])
     with pytest.raises(ValueError, match="'a purple hexagon'"):
         judge_output_folder(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"metadata\.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"nothing does not exist"):
         judge_output_folder(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty has no metadata\.jsonl"):
+        judge_output_folder(tmp_path / "empty")

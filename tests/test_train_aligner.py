@@ -406,3 +406,58 @@ def test_two_processes_equal_one_with_the_same_global_batch(cache, tmp_path):
     assert_same_tensors(weights(single / "final"), weights(double / "final"), atol=1e-5, rtol=1e-4)
     last = "checkpoints/step_00000012/reference.safetensors"
     assert_same_tensors(load_file(single / last), load_file(double / last), atol=1e-5, rtol=1e-4)
+
+
+# -- a user's mistakes and a machine's accidents -------------------------------------------------------
+
+
+def test_resume_with_another_architecture_names_the_differences(trained, cache, tmp_path, capsys):
+    import shutil
+
+    output, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(output, copy)
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(copy), "cache_dir": str(cache), **TINY}))
+    code = main(
+        [str(config), "depth=2", "ff_mult=4", "batch_size=4", "num_workers=0", "max_steps=40", "--resume"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert "depth 1 there, 2 here" in err[0] and "ff_mult 2 there, 4 here" in err[0], err
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
+
+
+def test_a_corrupt_shard_is_one_line_and_leaves_no_run_behind(tmp_path, capsys):
+    cache = write_cache(tmp_path / "features")
+    (shard,) = cache.glob("*.safetensors")
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # same size, other bytes: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    output = tmp_path / "out"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(output), "cache_dir": str(cache), **TINY}))
+    code = main([str(config), "batch_size=4", "max_steps=5", "num_workers=0"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not match its checksum" in err[0] and shard.name in err[0], err
+    # it stopped before its first checkpoint: no config.yaml or logs/ left behind
+    assert not output.exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_other_files_alone(cache, tmp_path, monkeypatch):
+    import img_guidance.objective
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during the first step
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(img_guidance.objective, "iupo_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(output, cache, max_steps=5, checkpoint_every=5))
+    assert sorted(p.name for p in output.iterdir()) == ["notes.txt"]

@@ -347,9 +347,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"aligner weights not found: {path}")
     if path.suffix == SAFETENSORS_SUFFIX:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state_dict = load_file(path)
+        try:
+            state_dict = load_file(path)
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a readable .safetensors file: {err}") from None
     else:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)

@@ -21,17 +21,20 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help is plain text: "[/sub]" in a help string is not a markup tag
 )
-console = Console(soft_wrap=True)
-errors = Console(stderr=True)
+# user text (paths, prompts, messages) is printed as it is: no markup, no highlighting
+console = Console(soft_wrap=True, markup=False, highlight=False)
+errors = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
 DTYPES = DTYPE_NAMES
+MAX_SEED = 2**63 - 1  # torch generators take any 64-bit seed; metadata and numpy readers take int64
 
 
 def fail(message: str) -> typer.Exit:
-    from rich.markup import escape
+    from rich.text import Text
 
-    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    errors.print(Text.assemble(("error:", "bold red"), f" {message}"))
     return typer.Exit(code=1)
 
 
@@ -65,9 +68,7 @@ def demo(
 
     if out.exists() and not out.is_dir():
         raise fail(f"--out {out} exists and is not a folder")
-    console.print(
-        "[bold]IMG on ShapesWorld[/]: generator, detector and aligner trained by this project, offline"
-    )
+    console.print("IMG on ShapesWorld: generator, detector and aligner trained by this project, offline")
     try:
         run_demo(out, log=lambda line: console.print(line, highlight=False))
     except FileNotFoundError as err:
@@ -104,6 +105,12 @@ def convert(
         raise fail(f"{dest} exists and is not a folder")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
         raise fail(f"{dest} already holds files; pass --overwrite to replace them")
+    from img_guidance.outputs import check_writable
+
+    try:
+        check_writable(dest.parent)  # DEST is written beside itself, then moved into place
+    except OSError as err:
+        raise fail(str(err)) from err
     try:
         aligner = load_aligner(
             src,
@@ -115,9 +122,13 @@ def convert(
         raise fail(str(err)) from err
 
     # Write beside DEST, then move into place: a failure never leaves a half-written DEST.
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    except OSError as err:
+        raise fail(f"cannot write to {dest.parent}: {err.strerror or err}") from err
+    try:
+        _chmod_as_umask(staging)  # mkdtemp makes it 0700; DEST is an ordinary folder
         aligner.save_pretrained(staging)
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old")
@@ -127,6 +138,8 @@ def convert(
             shutil.rmtree(old)
         else:
             staging.rename(dest)
+    except OSError as err:
+        raise fail(f"cannot write {dest}: {err.strerror or err}") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -138,6 +151,22 @@ def convert(
         f"{n_params:,} parameters, {next(aligner.parameters()).dtype}",
         highlight=False,
     )
+
+
+def _chmod_as_umask(path: Path) -> None:
+    """Give a folder made by ``mkdtemp`` (mode 0700) the mode a plain ``mkdir`` would give it."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+
+
+def _file_digest(path: Path) -> str:
+    """A file's name and the sha1 of its bytes: the setting "which questions" is the file's content."""
+    import hashlib
+
+    return f"{path.name}:sha1:{hashlib.sha1(path.read_bytes()).hexdigest()[:12]}"
 
 
 def resolve_device(device: str) -> str:
@@ -200,7 +229,12 @@ def generate(
     ] = None,
     aligner: Annotated[str | None, typer.Option(help="Aligner file, folder, hub id or preset.")] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("outputs"),
-    seed: Annotated[int, typer.Option(help="Seed of every prompt that does not carry its own.")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="Seed of every prompt that does not carry its own.")
+    ] = 0,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the images OUT holds when they were made with other settings.")
+    ] = False,
     steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps (default: the model's).")] = None,
     guidance_scale: Annotated[float | None, typer.Option(help="CFG / guidance scale.")] = None,
     height: Annotated[int | None, typer.Option(min=8)] = None,
@@ -231,11 +265,13 @@ def generate(
 ) -> None:
     """Generate images with IMG: each prompt's initial image, calibrated image and a comparison.
 
-    Writes OUT/initial/, OUT/calibrated/, OUT/compare/ and OUT/metadata.jsonl; a rerun into the same
-    folder skips the prompts that are already finished.
+    Writes OUT/initial/, OUT/calibrated/, OUT/compare/, OUT/metadata.jsonl and OUT/settings.json; a
+    rerun into the same folder skips the prompts that are already finished, and refuses other
+    settings than those the folder's images were made with (--overwrite replaces them).
     """
+    from img_guidance.backends import check_request
     from img_guidance.data.prompts import PromptItem, read_prompts
-    from img_guidance.outputs import OutputFolder, entry_name
+    from img_guidance.outputs import OutputFolder, SettingsMismatch, check_writable, entry_name
 
     # Everything about the input is checked before any model loads.
     if offload not in ("none", "model", "sequential"):
@@ -251,18 +287,53 @@ def generate(
     empty = [i for i, item in enumerate(items) if not item.prompt.strip()]
     if empty:
         raise fail(f"prompt {empty[0]} is empty")
+    bad_seeds = [(i, item.seed) for i, item in enumerate(items) if item.seed is not None]
+    bad_seeds = [(i, s) for i, s in bad_seeds if not 0 <= s <= MAX_SEED]
+    if bad_seeds:
+        i, bad = bad_seeds[0]
+        raise fail(f"prompt {i}: seed must lie in [0, 2**63 - 1], got {bad}")
     if questions is not None and not questions.is_file():
         raise fail(f"questions file not found: {questions}")
     try:
+        check_request(model, [item.prompt for item in items], height=height, width=width)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise fail(f"--model {model}: {err}" if isinstance(err, FileNotFoundError) else str(err)) from err
+    settings = {
+        "model": model,
+        "unet": unet,
+        "ip_adapter": ip_adapter,
+        "image_encoder": image_encoder,
+        "mllm": mllm,
+        "mllm_quantization": mllm_quantization,
+        "prompt_format": prompt_format,
+        "questions": _file_digest(questions) if questions is not None else None,
+        "aligner": aligner,
+        "dtype": dtype,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "height": height,
+        "width": width,
+        "rounds": rounds,
+        "passes": passes,
+        "ip_scale": ip_scale,
+    }
+    try:
         folder = OutputFolder(out)
-    except NotADirectoryError as err:
+        check_writable(out)
+        folder.check_settings(settings, overwrite=overwrite)
+    except (SettingsMismatch, OSError) as err:
         raise fail(str(err)) from err
     entries: dict[str, tuple[str, int, int]] = {}
     for i, item in enumerate(items):
         item_seed = item.seed if item.seed is not None else seed
         # the same prompt with the same seed is the same work: it is done once
         entries.setdefault(entry_name(item.prompt, item_seed), (item.prompt, item_seed, i))
-    done = folder.finished()
+    done = set() if overwrite else folder.finished()
+    for number in folder.broken_lines:
+        errors.print(
+            f"warning: {out / 'metadata.jsonl'}:{number} is cut short or not a record; skipped",
+            highlight=False,
+        )
     for path in folder.undecodable:
         errors.print(f"warning: {path} does not decode; its prompt will be generated again", highlight=False)
     todo = [(name, *entry) for name, entry in entries.items() if name not in done]
@@ -291,6 +362,10 @@ def generate(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    try:
+        folder.start(settings, overwrite=overwrite)
+    except OSError as err:
+        raise fail(f"cannot write to {out}: {err}") from err
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("IMG", total=len(todo))
@@ -308,12 +383,18 @@ def generate(
                 width=width,
             )
             for j, (name, _, _, index) in enumerate(batch):
-                folder.write(
-                    name,
-                    result.initial[j],
-                    [r.calibrated[j] for r in result.rounds],
-                    {"index": index, **result.metadata[j]},
-                )
+                try:
+                    folder.write(
+                        name,
+                        result.initial[j],
+                        [r.calibrated[j] for r in result.rounds],
+                        {"index": index, **result.metadata[j]},
+                    )
+                except OSError as err:
+                    raise fail(
+                        f"cannot write {name} to {out}: {err.strerror or err}; "
+                        f"{start + j} of {len(todo)} prompts written, the rest left for a rerun"
+                    ) from err
             progress.advance(task, len(batch))
     console.print(f"wrote {len(todo)} prompts to {out} (metadata: {out / 'metadata.jsonl'})")
 
@@ -502,7 +583,9 @@ if __name__ == "__main__":
 
 
 shapes_app = typer.Typer(
-    help="ShapesWorld: the small fully known world where all of IMG runs on a CPU.", no_args_is_help=True
+    help="ShapesWorld: the small fully known world where all of IMG runs on a CPU.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(shapes_app, name="shapes")
 
@@ -519,8 +602,8 @@ def shapes_judge(
     from img_guidance.shapes.scoring import JUDGE_FILE, judge_output_folder
 
     try:
-        result = judge_output_folder(folder)
-    except (FileNotFoundError, ValueError) as err:
+        result = judge_output_folder(folder, warn=errors.print)
+    except (ValueError, OSError) as err:
         raise fail(str(err)) from err
     for system in ("initial", "calibrated"):
         console.print(f"\n{system}:", highlight=False)
@@ -562,7 +645,7 @@ def shapes_train_all(
     recipe = ShapesRecipe.quick(seed) if quick else ShapesRecipe(seed=seed)
     try:
         report = train_all(out, recipe=recipe, log=lambda line: console.print(line, highlight=False))
-    except (FileExistsError, ValueError) as err:
+    except (ValueError, OSError) as err:
         raise fail(str(err)) from err
     for name, stage in report["stages"].items():
         console.print(f"{name}: {stage['seconds']:.0f} s", highlight=False)

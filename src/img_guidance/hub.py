@@ -57,9 +57,20 @@ def hub_file(
             )
         )
     except (OSError, EntryNotFoundError) as err:
+        if local_files_only or _offline():
+            raise FileNotFoundError(
+                f"{spec!r} is not in the local hub cache, and the hub cannot be reached offline "
+                "(HF_HUB_OFFLINE=1): download it where there is a network, or give a local path"
+            ) from err
         raise FileNotFoundError(
             f"could not get {filename!r} of hub repo {repo_id!r} (nor from the local hub cache): {err}"
         ) from err
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def pretrained_location(spec: str | os.PathLike) -> tuple[str, str | None]:

@@ -18,6 +18,7 @@ __all__ = [
     "DiffusionBackend",
     "GenerationDefaults",
     "OffloadMode",
+    "check_request",
     "family_of",
     "image_encoder_locations",
     "load_backend",
@@ -55,6 +56,58 @@ def family_of(model: str | os.PathLike) -> str:
             f"{name} holds a {class_name} pipeline; supported: {', '.join(sorted(PIPELINE_FAMILIES))}"
         )
     return PIPELINE_FAMILIES[class_name]
+
+
+# image sides must be multiples of these (the VAE's downsampling; FLUX also packs 2 x 2 latents)
+SIZE_MULTIPLES = {"sdxl": 8, "flux": 16}
+
+
+def check_request(
+    model: str | os.PathLike,
+    prompts: list[str],
+    *,
+    height: int | None = None,
+    width: int | None = None,
+) -> str:
+    """Check a generation request against the model's family before any weight loads (reading only
+    ``model_index.json`` and configs): image sides the model can make, and, for ShapesWorld, prompts
+    of its grammar. Raises ValueError naming the bad value; returns the family."""
+    family = family_of(model)
+    if family == "shapes":
+        from img_guidance.shapes.grammar import parse
+
+        for i, prompt in enumerate(prompts):
+            try:
+                parse(prompt)
+            except ValueError as err:
+                raise ValueError(
+                    f"prompt {i} ({prompt!r}) is not one the shapes model can draw: {err}"
+                ) from None
+        size = _shapes_image_size(model)
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and value != size:
+                raise ValueError(f"the shapes model makes {size} x {size} images only; got --{name} {value}")
+    else:
+        multiple = SIZE_MULTIPLES[family]
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and value % multiple:
+                raise ValueError(f"--{name} must be a multiple of {multiple} for {family}, got {value}")
+    return family
+
+
+def _shapes_image_size(model: str | os.PathLike) -> int:
+    from img_guidance.hub import is_local
+    from img_guidance.presets import BACKEND_PRESETS
+
+    name = os.fspath(model)
+    location = BACKEND_PRESETS[name].model if name in BACKEND_PRESETS and not is_local(name) else name
+    try:
+        with open(os.path.join(location, "unet", "config.json"), encoding="utf-8") as f:
+            return int(json.load(f)["sample_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        from img_guidance.shapes.models import IMAGE_SIZE
+
+        return IMAGE_SIZE  # the loader reports a broken folder itself
 
 
 def load_backend(

@@ -54,7 +54,10 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start} cannot be decoded)") from None
     suffix = path.suffix.lower()
     if suffix == ".txt":
         items = [PromptItem(line.strip()) for line in text.splitlines() if line.strip()]

@@ -89,8 +89,18 @@ def merge(base: Mapping[str, Any], updates: Mapping[str, Any], prefix: str = "")
     return merged
 
 
+def mixed_precision_word(value: Any) -> Any:
+    """accelerate's ``mixed_precision`` as accelerate spells it: ``no`` however it was written (``no``,
+    ``NO``, ``false``, or the boolean a YAML 1.1 reader makes of a bare ``no``), other words lowercased."""
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("no", "false", "off", "none")):
+        return "no"
+    return value.strip().lower() if isinstance(value, str) else value
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """``value`` checked against (and, for numbers written like ``1e-4``, converted to) ``hint``."""
+    if name.rsplit(".", 1)[-1] == "mixed_precision":
+        value = mixed_precision_word(value)
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -255,6 +265,13 @@ def run_recipe(argv: Sequence[str] | None, cls: type[T], usage: str, run) -> int
         print(f"error: training diverged at {err}", file=sys.stderr)
         return 1
     except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        from img_guidance.features.cache import CorruptShardError
+
+        if not isinstance(err, CorruptShardError):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

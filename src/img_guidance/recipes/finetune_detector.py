@@ -705,7 +705,7 @@ def finetune(cfg: FinetuneConfig, *, resume: str | bool | None = None) -> dict[s
         log_with=list(dict.fromkeys(["tensorboard", *cfg.report_to])),
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
     )
-    console = Console(quiet=not accelerator.is_main_process, highlight=False, soft_wrap=True)
+    console = Console(quiet=not accelerator.is_main_process, highlight=False, soft_wrap=True, markup=False)
     set_seed(cfg.seed)
     plan = _plan(cfg, accelerator.num_processes)
     val_triplets = _val_triplets(cfg)

@@ -38,6 +38,7 @@ Output folder::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -422,6 +423,26 @@ def save_checkpoint(
     return final
 
 
+def check_resume_architecture(path: Path, current: dict[str, Any]) -> None:
+    """Raise ConfigError listing every dimension in which the checkpoint's aligner (its
+    ``aligner/config.json``) differs from the one this run builds, before any weight is read."""
+    config_file = path / "aligner" / "config.json"
+    try:
+        saved = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # the weights' own check reports a checkpoint without a readable config
+    differences = [
+        f"{key} {saved[key]} there, {current[key]} here"
+        for key in sorted(current)
+        if not key.startswith("_") and key in saved and saved[key] != current[key]
+    ]
+    if differences:
+        raise ConfigError(
+            f"cannot resume from {path}: its aligner differs from this run's ({'; '.join(differences)}); "
+            "resume with the checkpoint's settings, or start a new output_dir"
+        )
+
+
 def load_checkpoint(path: Path, accelerator, *, model, tracker, optimizer, scheduler) -> dict[str, Any]:
     """Restore everything :func:`save_checkpoint` wrote; returns its trainer state."""
     from accelerate.utils import DistributedType
@@ -430,6 +451,7 @@ def load_checkpoint(path: Path, accelerator, *, model, tracker, optimizer, sched
     from img_guidance.aligner import check_state_dict, read_state_dict
 
     state = json.loads((path / STATE_FILE).read_text())
+    check_resume_architecture(path, accelerator.unwrap_model(model).config.to_dict())
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         model.load_checkpoint(str(path / "deepspeed"), tag="state")
     else:
@@ -508,6 +530,38 @@ def train(
     order each epoch (a resumed run re-reads the batches it skips).
     Raises :class:`TrainingDiverged` on a non-finite loss, after the last good checkpoint.
     """
+    try:
+        return _train(cfg, resume=resume, dataset=dataset, val_dataset=val_dataset)
+    except BaseException:
+        remove_unstarted_run(Path(cfg.output_dir))
+        raise
+
+
+def remove_unstarted_run(output: Path) -> None:
+    """After a run that stopped before its first checkpoint: remove what it wrote (config.yaml,
+    logs/, an empty checkpoints/), and OUTPUT itself if that leaves it empty. A folder holding a
+    checkpoint or a final aligner is left as it is. Main process only."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process or not output.is_dir():
+        return
+    checkpoints = output / "checkpoints"
+    if list_checkpoints(checkpoints) or (output / "final").exists():
+        return
+    (output / "config.yaml").unlink(missing_ok=True)
+    shutil.rmtree(output / "logs", ignore_errors=True)
+    for folder in (checkpoints, output):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only where empty
+
+
+def _train(
+    cfg: TrainConfig,
+    *,
+    resume: str | bool | None = None,
+    dataset: Dataset | None = None,
+    val_dataset: Dataset | None = None,
+) -> dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType, ProjectConfiguration, send_to_device, set_seed
     from rich.console import Console
@@ -538,7 +592,7 @@ def train(
         log_with=list(dict.fromkeys(["tensorboard", *cfg.report_to])),  # TensorBoard always
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
     )
-    console = Console(quiet=not accelerator.is_main_process, highlight=False, soft_wrap=True)
+    console = Console(quiet=not accelerator.is_main_process, highlight=False, soft_wrap=True, markup=False)
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)

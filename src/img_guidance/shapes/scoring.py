@@ -14,11 +14,12 @@ Any prompt the grammar can say is accepted; a prompt it cannot say is an error t
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from img_guidance.outputs import write_json_atomic
 from img_guidance.shapes.judge import Report, Verdict, judge, outcome, win_tie_loss
 
 JUDGE_FILE = "judge.json"
@@ -59,27 +60,32 @@ def report_dict(report: Report) -> dict[str, Any]:
     }
 
 
-def judge_output_folder(folder: str | os.PathLike) -> dict[str, Any]:
+def judge_output_folder(
+    folder: str | os.PathLike, *, warn: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Judge every finished prompt of a ``generate`` output folder; writes and returns
-    ``folder/judge.json`` (see the module docstring)."""
-    from PIL import Image
-
+    ``folder/judge.json`` (see the module docstring). One record per image name counts (where a
+    prompt was redone, its last line); a metadata line cut short, or an image that does not decode,
+    is reported through ``warn`` (by line number or file name) and skipped or judged undecidable."""
+    from img_guidance.outputs import METADATA, check_writable, latest_records, read_records
     from img_guidance.shapes.grammar import parse
 
+    warn = warn or (lambda line: None)
     folder = Path(folder)
-    metadata = folder / "metadata.jsonl"
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder")
+    metadata = folder / METADATA
     if not metadata.is_file():
         raise FileNotFoundError(
-            f"{folder} has no metadata.jsonl: is it an `img-guidance generate` output folder?"
+            f"{folder} has no {METADATA}: is it an `img-guidance generate` output folder?"
         )
-    records = []
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{metadata}:{number} is not valid JSON: {err}") from err
+    check_writable(folder)  # before any judging: judge.json goes there
+    records, broken = read_records(metadata)
+    for number in broken:
+        warn(f"warning: {metadata}:{number} is cut short or not a record; skipped")
+    records = latest_records(records)
     if not records:
         raise ValueError(f"{metadata} lists no finished prompt")
     initial, calibrated, prompts = [], [], []
@@ -95,8 +101,7 @@ def judge_output_folder(folder: str | os.PathLike) -> dict[str, Any]:
         missing = [key for key in ("initial", "calibrated") if key not in files]
         if missing:
             raise ValueError(f"{record.get('name')}: metadata lists no {' or '.join(missing)} image")
-        with Image.open(folder / files["initial"]) as a, Image.open(folder / files["calibrated"]) as b:
-            before, after = judge(a.convert("RGB"), spec), judge(b.convert("RGB"), spec)
+        before, after = (_judge_file(folder / files[key], spec, warn) for key in ("initial", "calibrated"))
         initial.append(before)
         calibrated.append(after)
         prompts.append(
@@ -118,7 +123,21 @@ def judge_output_folder(folder: str | os.PathLike) -> dict[str, Any]:
         "calibrated": report_dict(Report(calibrated)),
         "img_vs_initial": {"wins": outcomes.wins, "ties": outcomes.ties, "losses": outcomes.losses},
     }
-    tmp = folder / f".{JUDGE_FILE}.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / JUDGE_FILE)
+    write_json_atomic(folder / JUDGE_FILE, result)
     return result
+
+
+def _judge_file(path: Path, spec, warn: Callable[[str], None]) -> Verdict:
+    """The verdict of one image file; a file that is missing or does not decode is reported and
+    judged as an unreadable image (every check undecidable)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from img_guidance.shapes.judge import judge_objects
+
+    try:
+        with Image.open(path) as image:
+            return judge(image.convert("RGB"), spec)
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        reason = "is missing" if isinstance(err, FileNotFoundError) else "does not decode"
+        warn(f"warning: {path} {reason}; judged undecidable")
+        return judge_objects(None, spec, image_size=32)
