@@ -64,14 +64,19 @@ def demo(
     answer about each initial image, the initial and calibrated images side by side with the judge's
     verdicts, in OUT/demo.png and OUT/demo.json.
     """
+    from img_guidance.outputs import check_writable
     from img_guidance.shapes.demo import run_demo
 
     if out.exists() and not out.is_dir():
         raise fail(f"--out {out} exists and is not a folder")
+    try:
+        check_writable(out)
+    except OSError as err:
+        raise fail(str(err)) from err
     console.print("IMG on ShapesWorld: generator, detector and aligner trained by this project, offline")
     try:
         run_demo(out, log=lambda line: console.print(line, highlight=False))
-    except FileNotFoundError as err:
+    except OSError as err:
         raise fail(str(err)) from err
 
 

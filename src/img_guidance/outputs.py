@@ -91,7 +91,7 @@ def side_by_side(images: list[Image], gap: int = 4) -> Image:
     return canvas
 
 
-def _save_atomic(image: Image, path: Path) -> None:
+def save_image_atomic(image: Image, path: Path) -> None:
     """Write ``path`` through a temporary name: it is either the whole new image or untouched, and
     a failed write (a full disk) leaves no temporary file behind."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -189,10 +189,10 @@ class OutputFolder:
         return value if isinstance(value, dict) else None
 
     def check_settings(self, settings: dict[str, Any], *, overwrite: bool = False) -> None:
-        """Raise :class:`SettingsMismatch` if the folder holds finished images made with other settings
-        (or with settings it does not record), naming each difference; nothing to check with
-        ``overwrite`` or where nothing is finished."""
-        if overwrite or not self.finished():
+        """Raise :class:`SettingsMismatch` if the folder holds images made with other settings (or with
+        settings it does not record), naming each difference; nothing to check with ``overwrite`` or
+        where no prompt has its line yet."""
+        if overwrite or not self.records():
             return
         recorded = self.settings()
         if recorded is None:
@@ -232,14 +232,14 @@ class OutputFolder:
         for sub in ("initial", "calibrated", "compare"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         files = {"initial": f"initial/{name}.png"}
-        _save_atomic(initial, self.root / files["initial"])
+        save_image_atomic(initial, self.root / files["initial"])
         for r, image in enumerate(calibrated):
             last = r == len(calibrated) - 1
             key = "calibrated" if last else f"calibrated_round{r + 1}"
             files[key] = f"calibrated/{name}.png" if last else f"calibrated/{name}-round{r + 1}.png"
-            _save_atomic(image, self.root / files[key])
+            save_image_atomic(image, self.root / files[key])
         files["compare"] = f"compare/{name}.png"
-        _save_atomic(side_by_side([initial, *calibrated]), self.root / files["compare"])
+        save_image_atomic(side_by_side([initial, *calibrated]), self.root / files["compare"])
         line = {"name": name, **record, "files": files}
         path = self.root / METADATA
         # a line cut short by a kill has no newline: start on a fresh line, never glued to it

@@ -267,6 +267,9 @@ def run_recipe(argv: Sequence[str] | None, cls: type[T], usage: str, run) -> int
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a read-only output_dir, a full disk: the message names the path
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except ValueError as err:
         from img_guidance.features.cache import CorruptShardError
 

@@ -118,6 +118,7 @@ def run_demo(
     from transformers.utils import logging as hf_logging
 
     from img_guidance.guidance.llava import TransformersGuidance
+    from img_guidance.outputs import save_image_atomic, write_json_atomic
     from img_guidance.pipeline import IMGPipeline
     from img_guidance.shapes.grammar import parse
     from img_guidance.shapes.judge import judge, outcome, win_tie_loss
@@ -167,7 +168,7 @@ def run_demo(
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    demo_grid(rows).save(out / "demo.png")
+    save_image_atomic(demo_grid(rows), out / "demo.png")
     outcomes = win_tie_loss(after, before)
     report = {
         "models": pipe.describe(),
@@ -179,7 +180,7 @@ def run_demo(
         "img_vs_initial": {"wins": outcomes.wins, "ties": outcomes.ties, "losses": outcomes.losses},
         "seconds": {"load": loaded, "total": time.perf_counter() - start},
     }
-    (out / "demo.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json_atomic(out / "demo.json", json.loads(json.dumps(report, default=str)))
     for row in rows:
         log(
             f"{row['prompt']!r} seed {row['seed']}: initial {_mark(row['initial']['correct'])}, "
