@@ -59,8 +59,9 @@ def hub_file(
     except (OSError, EntryNotFoundError) as err:
         if local_files_only or _offline():
             raise FileNotFoundError(
-                f"{spec!r} is not in the local hub cache, and the hub cannot be reached offline "
-                "(HF_HUB_OFFLINE=1): download it where there is a network, or give a local path"
+                f"could not get {filename!r} of hub repo {repo_id!r}: it is not in the local hub cache, "
+                "and the hub cannot be reached offline (HF_HUB_OFFLINE=1); download it where there is "
+                "a network, or give a local path"
             ) from err
         raise FileNotFoundError(
             f"could not get {filename!r} of hub repo {repo_id!r} (nor from the local hub cache): {err}"
