@@ -213,16 +213,20 @@ def test_missing_model_folder_is_named_as_the_model(tmp_path):
     )
 
 
-def test_an_uncached_hub_id_offline_says_so(tmp_path, monkeypatch):
+@pytest.mark.parametrize("option", ["--model", "--mllm", "--aligner"])
+def test_an_uncached_hub_id_offline_says_so(tmp_path, monkeypatch, option):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    line = one_line_error(
-        runner.invoke(app, ["generate", "a cat", "--model", "nobody/nothing", "--out", str(tmp_path / "o")]),
-        "nobody/nothing",
-    )
+    args = [*GENERATE, "a red circle", "--out", str(tmp_path / "o")]
+    if option == "--model":
+        args[args.index("shapes")] = "nobody/nothing"
+    else:
+        args += [option, "nobody/nothing"]
+    line = one_line_error(runner.invoke(app, args), "nobody/nothing")
     assert "offline" in line and "cache" in line
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path):

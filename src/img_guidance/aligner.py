@@ -514,6 +514,10 @@ def load_aligner(
                 name, torch_dtype=torch_dtype, device=device, **hub, **overrides
             )
         except (OSError, EntryNotFoundError) as err:
+            from img_guidance.hub import _offline, missing_message
+
+            if _offline():
+                raise FileNotFoundError(f"aligner {missing_message(name, 'aligner')}") from err
             raise FileNotFoundError(
                 f"could not load aligner {name!r} as a local folder or from the hub (or its cache): {err}"
             ) from err

@@ -74,6 +74,17 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def missing_message(spec: str | os.PathLike, what: str) -> str:
+    """Why ``spec`` could not be read: offline and not cached where that is the case (the usual
+    reason for a hub id on a machine without network), else that it has no ``what``."""
+    if not is_local(spec) and _offline():
+        return (
+            f"{os.fspath(spec)!r} is not a local path nor in the local hub cache, and the hub cannot be "
+            "reached offline (HF_HUB_OFFLINE=1); download it where there is a network, or give a local path"
+        )
+    return f"{os.fspath(spec)} has no {what}; is it a model folder?"
+
+
 def pretrained_location(spec: str | os.PathLike) -> tuple[str, str | None]:
     """(path_or_repo_id, subfolder) for ``from_pretrained`` calls: a local folder as it is, a hub
     repo id with no subfolder, or ``owner/repo/sub/folder`` split into repo and subfolder."""

@@ -117,12 +117,18 @@ def _read_json(location: str | os.PathLike, name: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
+def _missing(location: str | os.PathLike, what: str) -> str:
+    from img_guidance.hub import missing_message
+
+    return missing_message(location, what)
+
+
 def read_config(location: str | os.PathLike) -> dict[str, Any]:
     """The ``config.json`` of a model folder given as a local folder, ``owner/repo`` or
     ``owner/repo/sub/folder`` (hub files come from the cache when offline)."""
     config = _read_json(location, "config.json")
     if config is None:
-        raise FileNotFoundError(f"{location} has no config.json; is it a model folder?")
+        raise FileNotFoundError(_missing(location, "config.json"))
     return config
 
 
@@ -216,7 +222,7 @@ def load_guidance(
     if config is None:
         adapter = _read_json(location, ADAPTER_CONFIG)
         if adapter is None:
-            raise FileNotFoundError(f"{location} has no config.json; is it a model folder?")
+            raise FileNotFoundError(_missing(location, "config.json"))
         return _load_adapter(
             location,
             adapter,
