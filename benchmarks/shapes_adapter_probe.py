@@ -34,56 +34,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
-def coordinate_channels(sample: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, C + 2, H, W]: x and y in [-1, 1] appended."""
-    b, _, h, w = sample.shape
-    ys = (
-        torch.linspace(-1, 1, h, dtype=sample.dtype, device=sample.device).view(1, 1, h, 1).expand(b, 1, h, w)
-    )
-    xs = (
-        torch.linspace(-1, 1, w, dtype=sample.dtype, device=sample.device).view(1, 1, 1, w).expand(b, 1, h, w)
-    )
-    return torch.cat([sample, xs, ys], 1)
-
-
-class SpatialTokens(torch.nn.Module):
-    """IP-Adapter-Plus-like tokens from the image encoder's spatial map: its last feature map
-    [B, C, s, s] (4 x 4 at 32 px) -> s * s tokens, each a cell's features linearly mapped to the token
-    width plus a learned embedding of the cell's position, layer-normed -> [B, s * s, width]."""
-
-    def __init__(self, channels: int, cells: int, width: int) -> None:
-        super().__init__()
-        self.proj = torch.nn.Linear(channels, width)
-        self.position = torch.nn.Parameter(torch.randn(cells, width) * 0.5)
-        self.norm = torch.nn.LayerNorm(width)
-        self.num_image_text_embeds = cells
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        cells = features.flatten(2).transpose(1, 2)  # [B, C, s, s] -> [B, s * s, C]
-        return self.norm(self.proj(cells) + self.position)
-
-
 def build(args):
-    from diffusers import UNet2DConditionModel
     from diffusers.models.embeddings import ImageProjection
 
     from img_guidance.shapes.models import IMAGE_EMBED_DIM, TEXT_WIDTH, ShapesWorldPipeline
 
-    pipe = ShapesWorldPipeline.build(seed=args.seed, unet=args.unet)
-    if args.coords:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            pipe.unet = UNet2DConditionModel(**{**pipe.unet.config, "in_channels": 5})
+    unet = {**(args.unet or {}), "coordinates": bool(args.coords)}
+    pipe = ShapesWorldPipeline.build(seed=args.seed, unet=unet)
     pipe.compute_dtype = None  # float32 everywhere: the timings are comparable across CPUs
-    pipe.add_ip_adapter(seed=args.seed + 1)
-    if args.tokens != 4:
+    pipe.add_ip_adapter(seed=args.seed + 1, kind="spatial" if args.spatial else "global")
+    if args.tokens != 4 and not args.spatial:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed + 5)
             pipe.image_projection = ImageProjection(
@@ -91,21 +57,6 @@ def build(args):
                 cross_attention_dim=TEXT_WIDTH,
                 num_image_text_embeds=args.tokens,
             )
-    if args.spatial:
-        encoder = pipe.image_encoder
-        side = encoder.config.image_size // 2 ** len(encoder.config.channels)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed + 5)
-            pipe.image_projection = SpatialTokens(encoder.config.channels[-1], side * side, TEXT_WIDTH)
-        pipe.image_tokens = types.MethodType(
-            lambda self, pixels: self.image_projection(self.image_encoder.features(pixels.to(self.dtype))),
-            pipe,
-        )
-    if args.coords:
-        plain = pipe.denoise
-        pipe.denoise = types.MethodType(
-            lambda self, sample, *a, **k: plain(coordinate_channels(sample), *a, **k), pipe
-        )
     return pipe
 
 

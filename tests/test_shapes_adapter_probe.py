@@ -19,7 +19,8 @@ def test_the_probe_trains_jointly_and_reports_the_oracle_rows(tmp_path):
     probe = load_probe()
     out = tmp_path / "probe"
     args = ["--out", str(out), "--tiny", "--steps", "2", "--encoder-steps", "2", "--batch", "4"]
-    args += ["--eval-scenes", "3", "--sampling-steps", "2", "--tokens", "16", "--coords", "--train-encoder"]
+    args += ["--eval-scenes", "3", "--sampling-steps", "2", "--spatial", "--coords", "--train-encoder"]
+    args += ["--snr-gamma", "none"]
     report = probe.main(args)
     assert json.loads(Path(f"{out}.json").read_text()) == json.loads(json.dumps(report))
     assert set(report["rows"]) == {
@@ -33,11 +34,13 @@ def test_the_probe_trains_jointly_and_reports_the_oracle_rows(tmp_path):
     assert all(0 <= row["accuracy"] <= 1 for row in report["rows"].values())
     state = torch.load(f"{out}.pt", weights_only=True)
     assert state["unet"]["conv_in.weight"].shape[1] == 5  # RGB + the two coordinate channels
-    assert state["image_projection"]["image_embeds.weight"].shape[0] == 16 * 64
+    assert state["image_projection"]["position"].shape == (16, 64)  # one token per cell of a 4 x 4 map
 
 
 def test_coordinate_channels():
-    x = load_probe().coordinate_channels(torch.zeros(2, 3, 4, 5))
+    from img_guidance.shapes.models import with_coordinates
+
+    x = with_coordinates(torch.zeros(2, 3, 4, 5))
     assert x.shape == (2, 5, 4, 5)
     torch.testing.assert_close(x[0, 3, 0], torch.linspace(-1, 1, 5))  # x runs along the width
     torch.testing.assert_close(x[1, 4, :, 0], torch.linspace(-1, 1, 4))  # y runs down

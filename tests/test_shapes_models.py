@@ -31,6 +31,7 @@ from img_guidance.shapes.train_generator import (
     split_scenes,
     train_adapter,
     train_generator,
+    train_joint,
 )
 
 torch.set_num_threads(1)
@@ -352,3 +353,69 @@ def test_train_generator_is_deterministic_and_loads_as_a_backend(tmp_path):
     for key in a:
         if key.startswith(("unet.", "text_encoder.")) and ".processor." not in key:
             torch.testing.assert_close(c[key], a[key], rtol=0, atol=0, msg=key)
+
+
+# -- the joint method: a spatial adapter trained with the model ------------------------------------------
+
+
+def spatial_pipeline() -> ShapesWorldPipeline:
+    pipe = ShapesWorldPipeline.build(seed=0, unet={**TINY_UNET, "coordinates": True}, text_layers=1)
+    pipe.add_ip_adapter(seed=1, kind="spatial")
+    pipe.compute_dtype = None
+    return pipe.eval()
+
+
+def test_a_spatial_adapter_has_a_token_per_cell_and_zero_is_no_image(tmp_path):
+    pipe = spatial_pipeline()
+    assert pipe.spatial_adapter and pipe.token_shape == (16, 64) and pipe.unet.config.in_channels == 5
+    images = [render("a red circle", seed=0), render("a red circle", seed=1)]
+    tokens = pipe.encode_images(images)
+    assert tokens.shape == (2, 16, 64) and not torch.allclose(tokens[0], tokens[1])  # the layout differs
+    assert torch.equal(pipe.negative_image_tokens(), torch.zeros(1, 16, 64))
+    pipe.save_pretrained(tmp_path / "m", dtype=torch.float32)
+    again = ShapesWorldPipeline.from_pretrained(tmp_path / "m")
+    again.compute_dtype = None
+    assert again.spatial_adapter and torch.equal(again.encode_images(images), tokens)
+
+    def draw(model, **kwargs):
+        generators = [torch.Generator().manual_seed(k) for k in range(2)]
+        return pixels(model(["a red circle", "two blue squares"], generators, steps=3, **kwargs))
+
+    # IP scale 0 (and zero tokens at any scale) is the base model bit for bit; tokens change it
+    base = draw(ShapesWorldPipeline.from_pretrained(tmp_path / "m", adapter=False))
+    np.testing.assert_array_equal(draw(again, image_tokens=tokens, ip_scale=0.0), base)
+    np.testing.assert_array_equal(draw(again, image_tokens=torch.zeros_like(tokens), ip_scale=1.0), base)
+    assert not np.array_equal(draw(again, image_tokens=tokens, ip_scale=1.0), base)
+
+
+def test_the_joint_method_trains_everything_and_lowers_the_loss():
+    pipe = spatial_pipeline()
+    before = {k: v.clone() for k, v in _states(pipe).items()}
+    result = train_joint(
+        pipe, all_scenes()[:60], all_scenes(), steps=40, batch_size=8, lr=3e-3, log=lambda _: None
+    )
+    losses = result["losses"]
+    assert len(losses) == 40 and np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+    after = _states(pipe)
+    for prefix in ("text_encoder.", "unet.", "image_encoder.", "image_projection."):
+        assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith(prefix)), prefix
+    assert any(not torch.equal(after[k], before[k]) for k in before if "to_v_ip" in k)
+    assert all(p.scale == [0.0] for p in ip_processors(pipe.unet))
+    with pytest.raises(ValueError, match="conditions must be 4 chances"):
+        train_joint(pipe, all_scenes(), all_scenes(), steps=1, conditions=(1, 0, 0), log=lambda _: None)
+
+
+def test_train_generator_joint_writes_a_spatial_model(tmp_path):
+    kwargs = dict(seed=3, steps_base=2, steps_encoder=2, batch_size=2, unet=TINY_UNET, log=lambda _: None)
+    result = train_generator(tmp_path / "j", method="joint", **kwargs)
+    assert result["loss"]["adapter"] is None and np.isfinite(result["loss"]["base"])
+    record = json.loads((tmp_path / "j" / "training.json").read_text())["settings"]
+    assert record["method"] == "joint" and record["steps_adapter"] == 0 and record["snr_gamma"] is None
+    assert record["conditions"] == [0.4, 0.3, 0.2, 0.1]
+    backend = ShapesBackend.from_pretrained(tmp_path / "j")
+    assert backend.token_shape == (16, 64)
+    assert backend.generate(["a red circle"], [0], steps=2)[0].size == (32, 32)
+    with pytest.raises(ValueError, match="method must be one of two-stage, joint"):
+        train_generator(tmp_path / "x", method="both", **kwargs)
+    with pytest.raises(ValueError, match="base_model does not apply"):
+        train_generator(tmp_path / "x", method="joint", base_model=tmp_path / "j", **kwargs)

@@ -65,6 +65,7 @@ SAMPLING_STEPS = 20
 GUIDANCE_SCALE = 1.5  # measured: 24% of validation prompts right at 1.5, 16% at 2.5, 6% at 4
 IP_SCALE = 0.2  # chosen on validation: IMG 18.8% right at 0.2, 14.1% at 0.5, 10.8% at 1.0 (README)
 IP_ADAPTER_FILE = "ip_adapter.safetensors"
+COORDINATE_CHANNELS = 2  # x and y, appended to the UNet's input where its config has 5 channels
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<eos>")
 IP_PROCESSORS = (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
@@ -243,6 +244,39 @@ class ShapesImageEncoder(ModelMixin, ConfigMixin):
         features = self.features(pixels)  # [B, C, H / 8, W / 8]
         return self.proj(features.flatten(1))  # [B, C * H / 8 * W / 8] -> [B, embed_dim]
 
+    def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, H, W] in [-1, 1] -> the last feature map [B, C, H / 8, W / 8] (what a spatial
+        adapter reads, as IP-Adapter-Plus reads CLIP's patch features)."""
+        return self.features(pixels)
+
+
+class SpatialImageProjection(nn.Module):
+    """A spatial adapter's projection: one token per cell of the image encoder's last feature map
+    (4 x 4 at 32 px), each the cell's features mapped linearly to the token width plus a learned
+    embedding of the cell's place, layer-normed: [B, C, s, s] -> [B, s * s, width]. IP-Adapter-Plus
+    reads CLIP's patch features the same way (through a resampler, which a 4 x 4 map does not need).
+    Its weights sit in the adapter file as ``image_proj.{proj.weight, proj.bias, position,
+    norm.weight, norm.bias}``; ``position`` marks the kind."""
+
+    def __init__(self, channels: int, cells: int, width: int = TEXT_WIDTH) -> None:
+        super().__init__()
+        self.proj = nn.Linear(channels, width)
+        self.position = nn.Parameter(torch.randn(cells, width) * 0.5)
+        self.norm = nn.LayerNorm(width)
+        self.num_image_text_embeds = cells
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> SpatialImageProjection:
+        cells, width = state["position"].shape
+        projection = cls(state["proj.weight"].shape[1], cells, width)
+        projection.load_state_dict(state)
+        return projection
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features [B, C, s, s] -> tokens [B, s * s, width]."""
+        cells = features.flatten(2).transpose(1, 2)  # [B, C, s, s] -> [B, s * s, C]
+        return self.norm(self.proj(cells) + self.position)
+
 
 def to_pixels(images: Sequence[Image.Image], *, size: int = IMAGE_SIZE) -> torch.Tensor:
     """PIL images -> [B, 3, size, size] float32 in [-1, 1] (resized bilinearly where their size differs)."""
@@ -288,18 +322,22 @@ def unet_config(
     head_dim: int = 32,
     pooling_heads: int = 4,
     norm_num_groups: int = 8,
+    coordinates: bool = False,
 ) -> dict[str, Any]:
     """The config of the world's UNet: pixel space (3 -> 3 channels, 32 x 32); self- and
     cross-attention (and so the IP-Adapter) in the lowest ``attention_levels`` levels and the middle:
     at 8 x 8 px by default. Attention at 16 x 16 as well costs 1.7x the training time on a CPU (the
-    self-attention over 256 positions) for little: objects are 8-12 px wide."""
+    self-attention over 256 positions) for little: objects are 8-12 px wide. ``coordinates``: two more
+    input channels, x and y in [-1, 1], appended to the noisy image by :meth:`ShapesWorldPipeline.denoise`
+    (``in_channels`` 5), so that attention queries know where they are (a spatial adapter's tokens say
+    what lies where)."""
     levels = len(block_out_channels)
     if not 1 <= attention_levels <= levels:
         raise ValueError(f"attention_levels must lie in [1, {levels}], got {attention_levels}")
     plain = levels - attention_levels
     return dict(
         sample_size=IMAGE_SIZE,
-        in_channels=3,
+        in_channels=3 + COORDINATE_CHANNELS * coordinates,
         out_channels=3,
         block_out_channels=tuple(block_out_channels),
         layers_per_block=layers_per_block,
@@ -341,14 +379,31 @@ def cross_attention_names(unet: UNet2DConditionModel) -> list[str]:
     return [name for name in unet.attn_processors if not name.endswith("attn1.processor")]
 
 
-def initial_ip_adapter_state(unet: UNet2DConditionModel, *, embed_dim: int = IMAGE_EMBED_DIM) -> dict:
-    """A fresh adapter in the h94 layout, ``{"image_proj": ..., "ip_adapter": ...}``: a new
-    ``ImageProjection`` and, as the IP-Adapter paper initialises them, ``to_k_ip`` / ``to_v_ip`` copied
-    from each cross-attention layer's text ``to_k`` / ``to_v``."""
-    projection = ImageProjection(
-        image_embed_dim=embed_dim, cross_attention_dim=TEXT_WIDTH, num_image_text_embeds=NUM_IMAGE_TOKENS
-    )
-    image_proj = {k.replace("image_embeds", "proj"): v for k, v in projection.state_dict().items()}
+ADAPTER_KINDS = ("global", "spatial")
+
+
+def initial_ip_adapter_state(
+    unet: UNet2DConditionModel,
+    *,
+    embed_dim: int = IMAGE_EMBED_DIM,
+    kind: str = "global",
+    channels: int = IMAGE_EMBED_DIM,
+    cells: int = 16,
+) -> dict:
+    """A fresh adapter in the h94 layout, ``{"image_proj": ..., "ip_adapter": ...}``: a new projection
+    (``kind`` "global": diffusers' ``ImageProjection`` of an ``embed_dim`` embedding into 4 tokens;
+    "spatial": a :class:`SpatialImageProjection` of a ``channels``-deep map of ``cells`` cells) and,
+    as the IP-Adapter paper initialises them, ``to_k_ip`` / ``to_v_ip`` copied from each
+    cross-attention layer's text ``to_k`` / ``to_v``."""
+    if kind not in ADAPTER_KINDS:
+        raise ValueError(f"adapter kind must be one of {', '.join(ADAPTER_KINDS)}, got {kind!r}")
+    if kind == "spatial":
+        image_proj = dict(SpatialImageProjection(channels, cells).state_dict())
+    else:
+        projection = ImageProjection(
+            image_embed_dim=embed_dim, cross_attention_dim=TEXT_WIDTH, num_image_text_embeds=NUM_IMAGE_TOKENS
+        )
+        image_proj = {k.replace("image_embeds", "proj"): v for k, v in projection.state_dict().items()}
     ip_adapter = {}
     for i, name in enumerate(cross_attention_names(unet)):
         attn = unet.get_submodule(name.removesuffix(".processor"))
@@ -357,10 +412,22 @@ def initial_ip_adapter_state(unet: UNet2DConditionModel, *, embed_dim: int = IMA
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
 
-def install_ip_adapter(unet: UNet2DConditionModel, state: dict) -> ImageProjection:
+def install_ip_adapter(unet: UNet2DConditionModel, state: dict) -> ImageProjection | SpatialImageProjection:
     """Install an adapter given in the h94 layout with diffusers' own loader (IP-Adapter attention
     processors on every cross-attention layer, the ``ImageProjection``), then take the projection
-    out: the UNet's ``encoder_hid_proj`` becomes :class:`PostProjectionTokens`. Returns the projection."""
+    out: the UNet's ``encoder_hid_proj`` becomes :class:`PostProjectionTokens`. Returns the projection.
+    A spatial adapter (``image_proj.position`` present) gets the same processors from diffusers'
+    converter, and its :class:`SpatialImageProjection` built here (diffusers knows no such layer)."""
+    if "position" in state["image_proj"]:
+        with _quiet_dtype_casts():
+            unet.encoder_hid_proj = None
+            unet.set_attn_processor(
+                unet._convert_ip_adapter_attn_to_diffusers([state], low_cpu_mem_usage=False)
+            )
+            unet.encoder_hid_proj = PostProjectionTokens()
+            unet.config.encoder_hid_dim_type = "ip_image_proj"
+            unet.to(dtype=unet.dtype, device=unet.device)
+        return SpatialImageProjection.from_state(state["image_proj"]).to(dtype=unet.dtype, device=unet.device)
     with _quiet_dtype_casts():
         unet._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
     (projection,) = unet.encoder_hid_proj.image_projection_layers
@@ -405,6 +472,14 @@ def ip_processors(unet: UNet2DConditionModel) -> list[nn.Module]:
 # the pipeline
 
 
+def with_coordinates(sample: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C + 2, H, W]: x and y in [-1, 1] appended (see :func:`unet_config`)."""
+    b, _, h, w = sample.shape
+    ys = torch.linspace(-1, 1, h, dtype=sample.dtype, device=sample.device).view(1, 1, h, 1)
+    xs = torch.linspace(-1, 1, w, dtype=sample.dtype, device=sample.device).view(1, 1, 1, w)
+    return torch.cat([sample, xs.expand(b, 1, h, w), ys.expand(b, 1, h, w)], 1)
+
+
 class ShapesWorldPipeline:
     """The world's text-to-image model with its image-prompt adapter (see the module docstring).
 
@@ -421,7 +496,7 @@ class ShapesWorldPipeline:
         unet: UNet2DConditionModel,
         scheduler: DDPMScheduler,
         image_encoder: ShapesImageEncoder | None = None,
-        image_projection: ImageProjection | None = None,
+        image_projection: ImageProjection | SpatialImageProjection | None = None,
         compute_dtype: torch.dtype | str | None = "auto",
     ) -> None:
         if (image_encoder is None) != (image_projection is None):
@@ -465,16 +540,29 @@ class ShapesWorldPipeline:
         return cls(tokenizer=tokenizer, text_encoder=text_encoder, unet=model, scheduler=training_scheduler())
 
     def add_ip_adapter(
-        self, *, seed: int = 0, state: dict | None = None, embed_dim: int = IMAGE_EMBED_DIM
+        self,
+        *,
+        seed: int = 0,
+        state: dict | None = None,
+        embed_dim: int = IMAGE_EMBED_DIM,
+        kind: str = "global",
     ) -> None:
-        """Install an adapter: ``state`` in the h94 layout, or a fresh one drawn from ``seed``
-        (:func:`initial_ip_adapter_state`) with a fresh :class:`ShapesImageEncoder`."""
+        """Install an adapter: ``state`` in the h94 layout, or a fresh one of ``kind`` ("global" or
+        "spatial") drawn from ``seed`` (:func:`initial_ip_adapter_state`) with a fresh
+        :class:`ShapesImageEncoder`."""
         if self.has_adapter:
             raise ValueError("this pipeline already has an adapter")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if state is None:
-                state = initial_ip_adapter_state(self.unet, embed_dim=embed_dim)
+                encoder = self.image_encoder.config if self.image_encoder is not None else None
+                channels = encoder.channels[-1] if encoder is not None else IMAGE_EMBED_DIM
+                side = (
+                    IMAGE_SIZE // 8 if encoder is None else encoder.image_size // 2 ** len(encoder.channels)
+                )
+                state = initial_ip_adapter_state(
+                    self.unet, embed_dim=embed_dim, kind=kind, channels=channels, cells=side * side
+                )
             if self.image_encoder is None:
                 embed = state["image_proj"]["proj.weight"].shape[1]
                 self.image_encoder = ShapesImageEncoder(embed_dim=embed)
@@ -484,6 +572,11 @@ class ShapesWorldPipeline:
     @property
     def has_adapter(self) -> bool:
         return self.image_projection is not None
+
+    @property
+    def spatial_adapter(self) -> bool:
+        """Whether the adapter reads the image encoder's feature map (one token per cell)."""
+        return isinstance(self.image_projection, SpatialImageProjection)
 
     def save_pretrained(self, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float16) -> None:
         """Write the folder described in the module docstring, weights stored in ``dtype`` (float16 by
@@ -602,7 +695,10 @@ class ShapesWorldPipeline:
         where the adapter's weights have them)."""
         if not self.has_adapter:
             raise ValueError("this ShapesWorld model has no image-prompt adapter (a base model)")
-        embeds = self.image_encoder(pixels.to(device=self.device, dtype=self.dtype))  # [B, embed_dim]
+        pixels = pixels.to(device=self.device, dtype=self.dtype)
+        if self.spatial_adapter:
+            return self.image_projection(self.image_encoder.feature_map(pixels))  # [B, cells, 64]
+        embeds = self.image_encoder(pixels)  # [B, embed_dim]
         return self.image_projection(embeds)  # [B, N, 64]
 
     @torch.no_grad()
@@ -611,8 +707,11 @@ class ShapesWorldPipeline:
         return self.image_tokens(to_pixels(images))
 
     def negative_image_tokens(self) -> torch.Tensor:
-        """The unconditional image tokens [1, N, 64]: those of the empty background image (the world's
-        "no image"; what the adapter was trained with where the image was dropped)."""
+        """The unconditional image tokens [1, N, 64], what the adapter was trained with where the image
+        was dropped: zero tokens for a spatial adapter (trained jointly, they add exactly nothing),
+        else those of the empty background image (the world's "no image")."""
+        if self.spatial_adapter:
+            return torch.zeros(1, *self.token_shape, device=self.device, dtype=self.dtype)
         return self.encode_images([background_image()])
 
     def set_ip_scale(self, scale: float) -> None:
@@ -631,6 +730,8 @@ class ShapesWorldPipeline:
     ) -> torch.Tensor:
         """One UNet pass: noisy sample [B, 3, 32, 32], timesteps [B], text [B, T, 64] with mask [B, T],
         image tokens [B, N, 64] (required with an adapter; read only at IP scale > 0) -> v [B, 3, 32, 32]."""
+        if self.unet.config.in_channels == 3 + COORDINATE_CHANNELS:
+            sample = with_coordinates(sample)
         added = None
         if self.has_adapter:
             if image_tokens is None:

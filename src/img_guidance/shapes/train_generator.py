@@ -82,6 +82,12 @@ SNR_GAMMA = 5.0  # stage 1: Min-SNR-5; with plain v-MSE, 600 steps gave smeared 
 # stage 2: plain v-MSE. What the tokens add (which objects) is decided at high noise, where Min-SNR
 # weighs the loss by ~SNR
 ADAPTER_SNR_GAMMA = None
+# the joint method: each row is text only, text + image, image only or neither, with these chances
+JOINT_CONDITIONS = (0.4, 0.3, 0.2, 0.1)
+# plain v-MSE: Min-SNR gives the high-noise steps, where a scene's layout is decided, almost no weight
+# (docs/shapes-adapter.md, section 5)
+JOINT_SNR_GAMMA = None
+METHODS = ("two-stage", "joint")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,12 +493,69 @@ def train_adapter(
         pipe.set_ip_scale(0.0)
 
 
+def train_joint(
+    pipe: ShapesWorldPipeline,
+    text_scenes: Sequence[SceneSpec],
+    image_scenes: Sequence[SceneSpec],
+    *,
+    steps: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    lr: float = 1e-3,
+    seed: int = 0,
+    conditions: Sequence[float] = JOINT_CONDITIONS,
+    ema_decay: float = 0.999,
+    log: Callable[[str], None] = print,
+    log_every: int = 100,
+    mixed_precision: str | None = None,
+) -> dict[str, Any]:
+    """The joint method: the text encoder, the UNet with its IP processors, the projection and the
+    (pretrained) image encoder learn together from step 1, on plain v-MSE. Each row is, with the
+    chances ``conditions``: text only, text + image, image only, or neither; its scene comes from
+    ``text_scenes`` where it has text, else from ``image_scenes``. A row's image is its own target,
+    objects moved by up to 1.5 px, blurred and noised (the adapter learns to reproduce what it
+    encodes); a dropped image is zero tokens, which add exactly nothing, so IP scale 0 is the
+    text-only model. Returns as :func:`train_base`."""
+    if not pipe.has_adapter:
+        raise ValueError("the joint method trains the model with its adapter; add one first (add_ip_adapter)")
+    if len(conditions) != 4 or min(conditions) < 0 or sum(conditions) <= 0:
+        raise ValueError(f"conditions must be 4 chances >= 0 with a positive sum, got {list(conditions)}")
+    params = [
+        p
+        for m in (pipe.text_encoder, pipe.unet, pipe.image_projection, pipe.image_encoder)
+        for p in m.parameters()
+    ]
+    for p in params:
+        p.requires_grad_(True)
+    pipe.set_ip_scale(1.0)
+    try:
+        return _train(
+            pipe,
+            "joint",
+            params,
+            by_category(text_scenes),
+            image_pool=by_category(image_scenes),
+            conditions=np.asarray(conditions, dtype=float) / sum(conditions),
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            ema_decay=ema_decay,
+            log=log,
+            log_every=log_every,
+            mixed_precision=mixed_precision,
+        )
+    finally:
+        pipe.set_ip_scale(0.0)
+
+
 def _train(
     pipe: ShapesWorldPipeline,
     stage: str,
     params: list[torch.nn.Parameter],
     pool: dict[str, list[SceneSpec]],
     *,
+    image_pool: dict[str, list[SceneSpec]] | None = None,
+    conditions: np.ndarray | None = None,
     steps: int,
     batch_size: int,
     lr: float,
@@ -502,8 +565,9 @@ def _train(
     log_every: int,
     mixed_precision: str,
 ) -> dict[str, Any]:
-    """The loop both stages share: sample scenes, render, one denoising loss, AdamW with warmup and
-    cosine decay, EMA of ``params``."""
+    """The loop every stage shares: sample scenes, render, one denoising loss, AdamW with warmup and
+    cosine decay, EMA of ``params``. The joint stage draws each row's condition from ``conditions``
+    and its scene from ``pool`` (rows with text) or ``image_pool``."""
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
@@ -521,16 +585,30 @@ def _train(
     losses: list[float] = []
     start = last = time.perf_counter()
     for step in range(1, steps + 1):
-        specs = sample_scenes(pool, rng, batch_size)
+        if stage == "joint":  # 0 text only, 1 text + image, 2 image only, 3 neither
+            kinds = rng.choice(4, size=batch_size, p=conditions)
+            specs = [sample_scenes(pool if k < 2 else image_pool, rng, 1)[0] for k in kinds]
+        else:
+            specs = sample_scenes(pool, rng, batch_size)
         images, layouts = render_scenes(specs, rng)
         pixels = to_pixels(images)
-        prompts = _drop(specs, rng, TEXT_DROPOUT if stage == "base" else ADAPTER_TEXT_DROPOUT)
+        if stage == "joint":
+            prompts = [describe(s) if k < 2 else "" for s, k in zip(specs, kinds, strict=True)]
+            references = to_pixels(reference_images(specs, layouts, rng, same_layout=1.0))
+            keep = torch.from_numpy(np.isin(kinds, (1, 2)))
+        else:
+            prompts = _drop(specs, rng, TEXT_DROPOUT if stage == "base" else ADAPTER_TEXT_DROPOUT)
         if stage == "adapter":
             references = to_pixels(reference_images(specs, layouts, rng))
             keep = torch.from_numpy(rng.random(batch_size) >= IMAGE_DROPOUT)
         with torch.autocast(pipe.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
             if stage == "base":
                 loss = denoising_loss(pipe, pixels, prompts, generator)
+            elif stage == "joint":
+                tokens = pipe.image_tokens(references) * keep[:, None, None].to(pipe.dtype)  # dropped: 0
+                loss = denoising_loss(
+                    pipe, pixels, prompts, generator, image_tokens=tokens, snr_gamma=JOINT_SNR_GAMMA
+                )
             else:
                 tokens = adapter_tokens(pipe, references, keep)
                 full = [describe(s) for s in specs]
@@ -572,10 +650,17 @@ def train_generator(
     unet: dict[str, Any] | None = None,
     base_model: str | os.PathLike | None = None,
     mixed_precision: str | None = None,
+    method: str = "two-stage",
+    conditions: Sequence[float] = JOINT_CONDITIONS,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train the base generator, then its adapter, and save the model folder to ``output_dir`` (see
     :mod:`img_guidance.shapes.models`), with ``training.json`` (settings, split, timings, losses).
+
+    ``method`` "two-stage" (the module docstring's stages 1 and 2: a global adapter on a frozen base)
+    or "joint" (:func:`train_joint`: a spatial adapter, coordinate channels, and the whole model
+    trained together for ``steps_base`` steps at ``lr_base`` on ``conditions``, after the encoder's
+    pretraining; ``steps_adapter`` and ``base_model`` do not apply).
 
     ``adapter_scenes``: the scenes stage 2 renders, ``"all"`` (default) or ``"train"``. ``unet``
     overrides keys of :func:`~img_guidance.shapes.models.unet_config`. ``base_model``: a model folder
@@ -589,6 +674,13 @@ def train_generator(
         raise FileExistsError(f"{output_dir} exists and is not empty; give a new folder")
     if adapter_scenes not in ("all", "train"):
         raise ValueError(f"adapter_scenes must be 'all' or 'train', got {adapter_scenes!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "joint" and base_model is not None:
+        raise ValueError("the joint method trains the base with its adapter: base_model does not apply")
+    joint = method == "joint"
+    if joint:
+        unet = {"coordinates": True, **(unet or {})}
     start = time.perf_counter()
     splits = split_scenes(seed)
     unseen = [f"{c} {s}" for c, s in held_out_kinds(seed)]
@@ -602,7 +694,10 @@ def train_generator(
         pipe = ShapesWorldPipeline.from_pretrained(base_model, adapter=False)
     log(f"base model: UNet {_millions(pipe.unet)}M, text encoder {_millions(pipe.text_encoder)}M parameters")
     mixed_precision = resolve_mixed_precision(mixed_precision, pipe.device)  # recorded as resolved
-    if base_model is None:
+    if joint:
+        log("stage 1 is the joint stage (after the image encoder's pretraining)")
+        base = {"seconds": 0.0, "loss": None, "losses": []}
+    elif base_model is None:
         base = train_base(
             pipe,
             splits["train"],
@@ -616,20 +711,35 @@ def train_generator(
     else:
         log(f"stage 1 skipped: the base model of {base_model}")
         base = {"seconds": 0.0, "loss": None, "losses": []}
-    pipe.add_ip_adapter(seed=seed + 1)
+    pipe.add_ip_adapter(seed=seed + 1, kind="spatial" if joint else "global")
     log(f"adapter: image encoder {_millions(pipe.image_encoder)}M parameters")
     adapter_pool = all_scenes() if adapter_scenes == "all" else splits["train"]
     encoder = pretrain_image_encoder(pipe, adapter_pool, steps=steps_encoder, seed=seed + 2, log=log)
-    adapter = train_adapter(
-        pipe,
-        adapter_pool,
-        steps=steps_adapter,
-        batch_size=batch_size,
-        lr=lr_adapter,
-        seed=seed + 1,
-        log=log,
-        mixed_precision=mixed_precision,
-    )
+    if joint:
+        base = train_joint(
+            pipe,
+            splits["train"],
+            adapter_pool,
+            steps=steps_base,
+            batch_size=batch_size,
+            lr=lr_base,
+            seed=seed,
+            conditions=conditions,
+            log=log,
+            mixed_precision=mixed_precision,
+        )
+        adapter = {"seconds": 0.0, "loss": None, "losses": []}
+    else:
+        adapter = train_adapter(
+            pipe,
+            adapter_pool,
+            steps=steps_adapter,
+            batch_size=batch_size,
+            lr=lr_adapter,
+            seed=seed + 1,
+            log=log,
+            mixed_precision=mixed_precision,
+        )
     # written next to the destination, then moved into place: a folder is complete or absent
     staging = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -648,9 +758,10 @@ def train_generator(
     record = {
         "settings": dict(
             seed=seed,
+            method=method,
             steps_base=steps_base if base_model is None else 0,
             steps_encoder=steps_encoder,
-            steps_adapter=steps_adapter,
+            steps_adapter=0 if joint else steps_adapter,
             batch_size=batch_size,
             lr_base=lr_base,
             lr_adapter=lr_adapter,
@@ -661,8 +772,9 @@ def train_generator(
             text_dropout=TEXT_DROPOUT,
             adapter_text_dropout=ADAPTER_TEXT_DROPOUT,
             image_dropout=IMAGE_DROPOUT,
-            snr_gamma=SNR_GAMMA,
-            adapter_snr_gamma=ADAPTER_SNR_GAMMA,
+            snr_gamma=JOINT_SNR_GAMMA if joint else SNR_GAMMA,
+            adapter_snr_gamma=None if joint else ADAPTER_SNR_GAMMA,
+            conditions=list(conditions) if joint else None,
         ),
         "split": {k: len(v) for k, v in splits.items()} | {"held_out_kinds": unseen},
         **summary,
@@ -736,7 +848,7 @@ def evaluate_reconstruction(
     scale, and judge. Returns {ip_scale: like :func:`evaluate_generator`}."""
     pipe = folder if isinstance(folder, ShapesWorldPipeline) else ShapesWorldPipeline.from_pretrained(folder)
     jobs = [(spec, seed) for spec in scenes for seed in seeds]
-    negative = pipe.encode_images([background_image()])
+    negative = pipe.negative_image_tokens()
     results = {}
     for scale in ip_scales:
         start = time.perf_counter()
