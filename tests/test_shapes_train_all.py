@@ -143,3 +143,25 @@ def test_the_benchmark_runs_every_system_on_a_finished_run(run, tmp_path, capsys
     assert table.startswith("## ShapesWorld")  # the ablations' training logs go to stderr
     assert table.count("\n| ") == 13 and "correct-render tokens (oracle)" in table
     assert json.loads((tmp_path / "eval.json").read_text())["systems"] == systems
+
+
+def test_the_joint_method_runs_every_stage_and_the_pipeline_carries_its_16_tokens(tmp_path):
+    import dataclasses
+
+    from img_guidance.backends.shapes import ShapesBackend
+    from img_guidance.pipeline import IMGPipeline
+
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    recipe = dataclasses.replace(ShapesRecipe.quick(), generator_method="joint")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ShapesBackend, "generate", render_or_miss)
+        train_all(run, recipe=recipe, log=lambda line: None)
+    training = json.loads((run / "generator" / "training.json").read_text())["settings"]
+    assert training["method"] == "joint"
+    pipe = IMGPipeline.from_pretrained(
+        str(run / "generator"), mllm=str(run / "detector"), aligner=str(run / "aligner"), device="cpu"
+    )
+    assert pipe.backend.token_shape == (16, 64)
+    out = pipe(["a red circle"], seeds=[1], steps=2)
+    assert out.calibrated[0].size == (32, 32)

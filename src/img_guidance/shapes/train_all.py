@@ -50,6 +50,9 @@ class ShapesRecipe:
     generator_steps_encoder: int = 1000
     generator_steps_adapter: int = 1000
     generator_batch: int = 32
+    # "two-stage" (the shipped run) or "joint": a spatial adapter trained with the model from step 1
+    # for generator_steps_base steps (generator_steps_adapter then unused); see train_generator
+    generator_method: str = "two-stage"
     # detector (stage 2)
     triplets: int = 12000
     detector_hidden: int = 96
@@ -146,6 +149,7 @@ def stage_generator(out: Path, recipe: ShapesRecipe, log: Callable[[str], None])
         steps_encoder=recipe.generator_steps_encoder,
         steps_adapter=recipe.generator_steps_adapter,
         batch_size=recipe.generator_batch,
+        method=recipe.generator_method,
         log=log,
     )
 
