@@ -5,6 +5,7 @@ Heavy imports happen inside the commands, so ``img-guidance --help`` answers at 
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -583,10 +584,6 @@ def convert_llava_command(
     console.print(f"wrote {written}: load it with --mllm {written}", highlight=False)
 
 
-if __name__ == "__main__":
-    app()
-
-
 shapes_app = typer.Typer(
     help="ShapesWorld: the small fully known world where all of IMG runs on a CPU.",
     no_args_is_help=True,
@@ -657,3 +654,123 @@ def shapes_train_all(
     console.print(f"total: {report['total_seconds'] / 60:.1f} min", highlight=False)
     if install:
         console.print(f"installed the models into {install_models(out)}", highlight=False)
+
+
+eval_app = typer.Typer(
+    help="Score folders of images and compare systems (win rates with 95% intervals).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(eval_app, name="eval")
+
+
+def _scorer_weights(values: list[str] | None) -> dict[str, str]:
+    from img_guidance.eval.scorers import check_scorer_names
+
+    weights = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not path:
+            raise fail(f"--scorer-weights takes NAME=PATH, got {value!r}")
+        try:
+            check_scorer_names([name])
+        except ValueError as err:
+            raise fail(f"--scorer-weights {value}: {err}") from err
+        weights[name] = path
+    return weights
+
+
+@eval_app.command("score")
+def eval_score(
+    folder: Annotated[Path, typer.Argument(help="A generate output folder, or images with images.jsonl.")],
+    scorers: Annotated[str, typer.Option(help="Comma-separated scorers (see `eval scorers`).")] = "",
+    scorer_weights: Annotated[
+        list[str] | None, typer.Option(help="NAME=PATH: a scorer's model folder or hub id; repeatable.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per scorer call.")] = 16,
+) -> None:
+    """Score every image of FOLDER; writes FOLDER/eval/scores.jsonl (one line per image) and
+    FOLDER/eval/summary.json (means per system, scorer and category), and prints the means."""
+    from img_guidance.eval.harness import markdown_table, read_folder, score_folder
+    from img_guidance.eval.scorers import check_scorer_names, load_scorer
+
+    try:
+        names = check_scorer_names([n.strip() for n in scorers.split(",") if n.strip()])
+    except ValueError as err:
+        raise fail(f"--scorers: {err}") from err
+    weights = _scorer_weights(scorer_weights)
+    try:
+        count = len(read_folder(folder))  # the folder is checked before any scorer loads
+        run_device = resolve_device(device)
+        loaded = [load_scorer(n, weights=weights.get(n), device=run_device) for n in names]
+    except (ValueError, OSError) as err:
+        raise fail(str(err)) from err
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("score", total=count)
+        try:
+            summary = score_folder(
+                folder,
+                loaded,
+                batch_size=batch_size,
+                warn=errors.print,
+                progress=lambda k: progress.advance(task, k),
+            )
+        except (ValueError, OSError) as err:
+            raise fail(str(err)) from err
+    console.print(markdown_table(summary))
+    console.print(f"scores in {folder / 'eval' / 'scores.jsonl'}")
+
+
+@eval_app.command("compare")
+def eval_compare(
+    folders: Annotated[
+        list[Path], typer.Argument(help="Scored folders (eval score); the first system is the reference.")
+    ],
+    reference: Annotated[str | None, typer.Option(help="The system the others are compared with.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Write comparison.json and report.md here (default: the first folder's eval/)."),
+    ] = None,
+    resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples.")] = 10000,
+) -> None:
+    """Compare the systems of scored folders: per scorer, each system's mean (per category in
+    summary.json), and its per-prompt win rate over the reference with a 95% bootstrap interval
+    (resampling prompts) and the exact sign test on the prompts won and lost."""
+    from img_guidance.eval.harness import EVAL_DIR, compare, markdown_table, merge_rows, summarize
+    from img_guidance.outputs import check_writable, write_json_atomic
+
+    try:
+        rows = merge_rows(folders)
+        scorers = [k for k in rows[0] if k not in ("file", "prompt", "seed", "system", "category")]
+        summary = summarize(rows, scorers)
+        comparison = compare(rows, scorers, reference=reference, resamples=resamples)
+        target = out if out is not None else folders[0] / EVAL_DIR
+        check_writable(target)
+        target.mkdir(parents=True, exist_ok=True)
+        table = markdown_table(summary, comparison)
+        write_json_atomic(target / "comparison.json", {**summary, "comparison": comparison})
+        tmp = target / ".report.md.tmp"
+        tmp.write_text(table, encoding="utf-8")
+        os.replace(tmp, target / "report.md")
+    except (ValueError, OSError) as err:
+        raise fail(str(err)) from err
+    console.print(table)
+    console.print(f"written to {target / 'comparison.json'} and {target / 'report.md'}")
+
+
+@eval_app.command("scorers")
+def eval_scorers() -> None:
+    """List the scorers."""
+    from img_guidance.eval.scorers import SCORERS
+
+    for name, text in SCORERS.items():
+        console.print(f"{name}: {text}")
+
+
+if __name__ == "__main__":
+    app()

@@ -4,7 +4,9 @@
   the images on which exactly one of the two is right;
 - :func:`paired_bootstrap`: a 95% percentile interval of the accuracy difference, resampling images
   (or whole groups of them, e.g. all seeds of one prompt: a cluster bootstrap);
-- :func:`compare_paired`: both, with the accuracies, as a :class:`PairedComparison`.
+- :func:`compare_paired`: both, with the accuracies, as a :class:`PairedComparison`;
+- :func:`bootstrap_mean_interval`: a 95% percentile interval of a mean (of per-prompt wins, or of
+  score differences), resampling its values.
 
 numpy and the standard library only.
 """
@@ -188,3 +190,27 @@ def _paired_differences(a: Sequence[Any], b: Sequence[Any], *, none_is_false: bo
     y = _outcomes(b, "b", none_is_false=none_is_false)
     _check_paired(x, y)
     return x.astype(np.float64) - y.astype(np.float64)
+
+
+def bootstrap_mean_interval(
+    values: Sequence[float], *, resamples: int = 10000, seed: int = 0
+) -> tuple[float, float]:
+    """The 95% percentile interval of ``mean(values)``, resampling the values with replacement
+    (deterministic in ``seed``); (nan, nan) for no values."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"values must be one-dimensional, got shape {x.shape}")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"resamples must be a positive integer, got {resamples!r}")
+    if x.size == 0:
+        return (math.nan, math.nan)
+    if not np.isfinite(x).all():
+        raise ValueError("values must be finite")
+    rng = np.random.default_rng(seed)
+    rows = max(1, _CHUNK_ELEMENTS // x.size)
+    means = []
+    for start in range(0, resamples, rows):
+        count = min(rows, resamples - start)
+        means.append(x[rng.integers(0, x.size, size=(count, x.size))].mean(axis=1))
+    low, high = np.percentile(np.concatenate(means), [2.5, 97.5])
+    return (float(low), float(high))

@@ -1,0 +1,342 @@
+"""Scoring folders of images and comparing systems: what ``img-guidance eval score`` and ``eval compare``
+do, as functions.
+
+A folder to score is either an ``img-guidance generate`` output folder (``metadata.jsonl``: two systems,
+``initial`` and ``calibrated``, one image each per prompt and seed) or any folder of images with an
+``images.jsonl`` mapping, one line per image: ``{"file": "a.png", "prompt": "...", "seed": 0,
+"system": "sd-xl", "category": "colors"}`` (``file`` and ``prompt`` required; ``system`` defaults to
+the folder's name, ``category`` to ``all``), so another method's outputs are scored and compared in
+the same harness. Images pair across systems by (prompt, seed).
+
+``score_folder`` writes, under ``FOLDER/eval/``:
+
+- ``scores.jsonl``: one line per image: ``file`` (relative to the folder), ``prompt``, ``seed``,
+  ``system``, ``category``, and one key per scorer;
+- ``summary.json``: ``{"systems": {NAME: {SCORER: {"mean", "n", "per_category": {...}}}},
+  "scorers": [...]}``.
+
+``compare`` reads those files from several folders: per scorer and system, the mean per category; the
+per-prompt win rate of each system over the first (scores averaged over a prompt's images; ties
+counted apart) with a 95% bootstrap interval resampling prompts, the mean difference with its
+interval, and the exact sign test (McNemar's, on the prompts won and lost).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EVAL_DIR = "eval"
+SCORES_FILE = "scores.jsonl"
+SUMMARY_FILE = "summary.json"
+MAPPING_FILE = "images.jsonl"
+ALL = "all"
+
+
+@dataclass(frozen=True)
+class EvalImage:
+    """One image to score: its file (relative to the folder), prompt, seed (None where unknown),
+    system and category."""
+
+    file: str
+    prompt: str
+    seed: int | None
+    system: str
+    category: str = ALL
+
+    @property
+    def key(self) -> tuple[str, int | None]:
+        """What pairs images across systems: the same prompt and seed."""
+        return (self.prompt, self.seed)
+
+
+def read_folder(folder: str | os.PathLike, *, warn: Callable[[str], None] | None = None) -> list[EvalImage]:
+    """The images of ``folder`` to score (see the module docstring); errors name the folder or line."""
+    from img_guidance.outputs import METADATA, latest_records, read_records
+
+    warn = warn or (lambda line: None)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder} is not a folder" if folder.exists() else f"{folder} does not exist"
+        )
+    mapping, metadata = folder / MAPPING_FILE, folder / METADATA
+    if mapping.is_file():
+        return _read_mapping(folder, mapping)
+    if not metadata.is_file():
+        raise FileNotFoundError(
+            f"{folder} has neither {MAPPING_FILE} (one line per image: file, prompt) nor an "
+            f"`img-guidance generate` {METADATA}; write one to say which prompt each image shows"
+        )
+    records, broken = read_records(metadata)
+    for number in broken:
+        warn(f"warning: {metadata}:{number} is cut short or not a record; skipped")
+    images = []
+    for record in latest_records(records):
+        files = record.get("files") or {}
+        for system in ("initial", "calibrated"):
+            if system not in files:
+                raise ValueError(f"{metadata}: {record['name']} lists no {system} image")
+            images.append(
+                EvalImage(
+                    file=files[system],
+                    prompt=str(record.get("prompt")),
+                    seed=record.get("seed"),
+                    system=system,
+                    category=str(record.get("category") or ALL),
+                )
+            )
+    if not images:
+        raise ValueError(f"{metadata} lists no finished prompt")
+    return images
+
+
+def _read_mapping(folder: Path, mapping: Path) -> list[EvalImage]:
+    images = []
+    for number, line in enumerate(mapping.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{mapping}:{number}"
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where} is not valid JSON: {err}") from None
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected an object with file and prompt, got {entry!r}")
+        unknown = sorted(set(entry) - {"file", "prompt", "seed", "system", "category"})
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown keys {unknown}; allowed: file, prompt, seed, system, category"
+            )
+        file, prompt, seed = entry.get("file"), entry.get("prompt"), entry.get("seed")
+        if not isinstance(file, str) or not file:
+            raise ValueError(f"{where}: file must be a non-empty string, got {file!r}")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{where}: prompt must be a non-empty string, got {prompt!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"{where}: seed must be an integer, got {seed!r}")
+        if not (folder / file).is_file():
+            raise FileNotFoundError(f"{where}: {folder / file} does not exist")
+        images.append(
+            EvalImage(
+                file=file,
+                prompt=prompt,
+                seed=seed,
+                system=str(entry.get("system") or folder.name),
+                category=str(entry.get("category") or ALL),
+            )
+        )
+    if not images:
+        raise ValueError(f"{mapping} lists no image")
+    return images
+
+
+def score_folder(
+    folder: str | os.PathLike,
+    scorers: Sequence[Any],
+    *,
+    batch_size: int = 16,
+    warn: Callable[[str], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Score every image of ``folder`` with each of ``scorers`` (objects with ``name`` and
+    ``score(images, prompts)``); write ``eval/scores.jsonl`` and ``eval/summary.json`` (each through a
+    temporary name) and return the summary. An image that does not decode is reported through ``warn``
+    and gets no score (null, left out of the means). ``progress(k)``: k more images scored."""
+    from PIL import Image, UnidentifiedImageError
+
+    from img_guidance.outputs import check_writable, write_json_atomic
+
+    warn = warn or (lambda line: None)
+    folder = Path(folder)
+    images = read_folder(folder, warn=warn)
+    check_writable(folder / EVAL_DIR)
+    rows = [
+        {"file": im.file, "prompt": im.prompt, "seed": im.seed, "system": im.system, "category": im.category}
+        for im in images
+    ]
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        loaded, readable = [], []
+        for i, entry in enumerate(chunk):
+            try:
+                with Image.open(folder / entry.file) as image:
+                    loaded.append(image.convert("RGB"))
+                readable.append(i)
+            except (OSError, UnidentifiedImageError, SyntaxError):
+                warn(f"warning: {folder / entry.file} does not decode; left out of the scores")
+        prompts = [chunk[i].prompt for i in readable]
+        for scorer in scorers:
+            values = scorer.score(loaded, prompts).tolist() if loaded else []
+            by_index = dict(zip(readable, values, strict=True))
+            for i in range(len(chunk)):
+                rows[start + i][scorer.name] = by_index.get(i)  # None: did not decode
+        if progress is not None:
+            progress(len(chunk))
+    names = [s.name for s in scorers]
+    summary = summarize(rows, names)
+    summary["scorers"] = [s.describe() for s in scorers]
+    out = folder / EVAL_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    _write_lines_atomic(out / SCORES_FILE, rows)
+    write_json_atomic(out / SUMMARY_FILE, summary)
+    return summary
+
+
+def _write_lines_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_scores(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """The per-image score lines ``score_folder`` wrote in ``folder/eval/scores.jsonl``."""
+    path = Path(folder) / EVAL_DIR / SCORES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: score the folder first (img-guidance eval score)")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def summarize(rows: Sequence[dict[str, Any]], scorers: Sequence[str]) -> dict[str, Any]:
+    """Per system and scorer: the mean over images (missing scores left out; None where none is
+    left), their count, and the mean per category."""
+    systems: dict[str, dict[str, Any]] = {}
+    for system in dict.fromkeys(row["system"] for row in rows):
+        mine = [row for row in rows if row["system"] == system]
+        systems[system] = {}
+        for name in scorers:
+            values = [row[name] for row in mine if _finite(row.get(name))]
+            per_category: dict[str, float | None] = {}
+            for cat in dict.fromkeys(row["category"] for row in mine):
+                vals = [row[name] for row in mine if row["category"] == cat and _finite(row.get(name))]
+                per_category[cat] = _mean(vals) if vals else None
+            mean = _mean(values) if values else None
+            systems[system][name] = {"mean": mean, "n": len(values), "per_category": per_category}
+    return {"systems": systems}
+
+
+def compare(
+    rows: Sequence[dict[str, Any]],
+    scorers: Sequence[str],
+    *,
+    reference: str | None = None,
+    resamples: int = 10000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every other system against ``reference`` (default: the first system of ``rows``), per scorer,
+    on the prompts both have: {scorer: {system: {"prompts", "wins", "ties", "losses", "win_rate",
+    "win_rate_ci95", "mean_difference", "mean_difference_ci95", "sign_test_p"}}}. A prompt's score is
+    the mean over its images (its seeds); win rate = wins / prompts."""
+    from img_guidance.eval.stats import bootstrap_mean_interval, mcnemar_exact
+
+    systems = list(dict.fromkeys(row["system"] for row in rows))
+    if len(systems) < 2:
+        raise ValueError(f"compare needs at least two systems, got {systems}")
+    reference = reference or systems[0]
+    if reference not in systems:
+        raise ValueError(f"reference system {reference!r} is not among {systems}")
+    result: dict[str, Any] = {"reference": reference, "scorers": {}}
+    for name in scorers:
+        per_prompt = _per_prompt(rows, name)
+        base = per_prompt.get(reference, {})
+        table = {}
+        for system in systems:
+            if system == reference:
+                continue
+            mine = per_prompt.get(system, {})
+            shared = [p for p in base if p in mine]
+            if not shared:
+                raise ValueError(f"{system} and {reference} share no prompt with a {name} score")
+            diff = np.array([mine[p] - base[p] for p in shared])
+            wins, losses = int((diff > 0).sum()), int((diff < 0).sum())
+            table[system] = {
+                "prompts": len(shared),
+                "wins": wins,
+                "ties": len(shared) - wins - losses,
+                "losses": losses,
+                "win_rate": wins / len(shared),
+                "win_rate_ci95": list(
+                    bootstrap_mean_interval((diff > 0).astype(float), resamples=resamples, seed=seed)
+                ),
+                "mean_difference": float(diff.mean()),
+                "mean_difference_ci95": list(bootstrap_mean_interval(diff, resamples=resamples, seed=seed)),
+                "sign_test_p": mcnemar_exact(wins, losses),
+            }
+        result["scorers"][name] = table
+    return result
+
+
+def _per_prompt(rows: Sequence[dict[str, Any]], name: str) -> dict[str, dict[str, float]]:
+    """{system: {prompt: the mean of its images' finite scores}}."""
+    sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if _finite(row.get(name)):
+            sums[row["system"]][row["prompt"]].append(row[name])
+    return {system: {p: _mean(v) for p, v in prompts.items()} for system, prompts in sums.items()}
+
+
+def merge_rows(folders: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    """The score lines of several scored folders, system names made unique: a name that appears in
+    more than one folder is prefixed with its folder's name (``runA/calibrated``)."""
+    loaded = [(Path(f), read_scores(f)) for f in folders]
+    seen: dict[str, int] = defaultdict(int)
+    for _, rows in loaded:
+        for system in {row["system"] for row in rows}:
+            seen[system] += 1
+    merged = []
+    for folder, rows in loaded:
+        for row in rows:
+            name = row["system"] if seen[row["system"]] == 1 else f"{folder.name}/{row['system']}"
+            merged.append({**row, "system": name})
+    return merged
+
+
+def markdown_table(summary: dict[str, Any], comparison: dict[str, Any] | None = None) -> str:
+    """The means per system and scorer (and, with a comparison, each system's win rate over the
+    reference with its interval), as a Markdown table."""
+    systems = summary["systems"]
+    scorers = list(next(iter(systems.values())))
+    header = ["system", *scorers]
+    if comparison is not None:
+        header += [f"win rate vs {comparison['reference']} ({s})" for s in scorers]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for system, scores in systems.items():
+        cells = [system, *(_fmt(scores[s]["mean"]) for s in scorers)]
+        if comparison is not None:
+            for s in scorers:
+                entry = comparison["scorers"].get(s, {}).get(system)
+                if entry is None:
+                    cells.append("")
+                else:
+                    low, high = entry["win_rate_ci95"]
+                    cells.append(
+                        f"{entry['win_rate']:.1%} [{low:.1%}, {high:.1%}] (p {entry['sign_test_p']:.2g})"
+                    )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if not _finite(value) else f"{value:.4g}"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return math.fsum(values) / len(values) if values else math.nan
