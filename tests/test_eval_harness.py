@@ -78,7 +78,7 @@ def shapes_folder(folder, *, system_images):
     lines = []
     for system, entries in system_images.items():
         for prompt, seed, image in entries:
-            name = f"{system}-{seed}.png"
+            name = f"{system}-{len(lines)}.png"
             image.save(folder / name)
             lines.append({"file": name, "prompt": prompt, "seed": seed, "system": system, "category": "c"})
     (folder / "images.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -199,3 +199,71 @@ def test_eval_cli_bad_input_is_one_line(tmp_path):
 def test_every_scorer_is_listed():
     result = runner.invoke(app, ["eval", "scorers"])
     assert result.exit_code == 0 and all(name in result.output for name in SCORERS)
+
+
+def test_export_writes_the_geneval_and_dpg_layouts(tmp_path):
+    from img_guidance.eval.export import export
+
+    prompts = ["a red circle", "two blue squares"]
+    entries = [(p, seed, render(p, seed=seed)) for p in prompts for seed in (3, 1, 2, 0)]
+    folder = shapes_folder(tmp_path / "f", system_images={"mine": entries})
+    metadata = tmp_path / "evaluation_metadata.jsonl"
+    lines = [
+        {"tag": "single_object", "include": [{"class": "x", "count": 1}], "prompt": "a green triangle"},
+        {"tag": "counting", "include": [{"class": "square", "count": 2}], "prompt": "two blue squares"},
+        {"tag": "colors", "include": [{"class": "circle", "count": 1}], "prompt": "a red circle"},
+    ]
+    metadata.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    counts = export(folder, tmp_path / "geneval", format="geneval", benchmark_files=metadata)
+    assert counts == {"prompts": 2, "images": 8}
+    root = tmp_path / "geneval"
+    assert sorted(p.name for p in root.iterdir()) == ["00001", "00002"]
+    assert json.loads((root / "00002" / "metadata.jsonl").read_text()) == lines[2]
+    assert sorted(p.name for p in (root / "00001" / "samples").iterdir()) == [
+        f"{k:04d}.png" for k in range(4)
+    ]
+    # samples in seed order: 0000.png is seed 0's image
+    first = Image.open(root / "00002" / "samples" / "0000.png")
+    assert list(first.getdata()) == list(render("a red circle", seed=0).getdata())
+
+    dpg = tmp_path / "dpg_prompts"
+    dpg.mkdir()
+    (dpg / "item_a.txt").write_text("a red circle\n")
+    (dpg / "item_b.txt").write_text("two blue squares")
+    counts = export(folder, tmp_path / "dpg", format="dpg", benchmark_files=dpg)
+    assert sorted(p.name for p in (tmp_path / "dpg").iterdir()) == ["item_a.png", "item_b.png"]
+    grid = Image.open(tmp_path / "dpg" / "item_b.png")
+    assert grid.size == (64, 64)
+    tile = grid.crop((32, 0, 64, 32))  # top right: the second seed (1)
+    assert list(tile.getdata()) == list(render("two blue squares", seed=1).getdata())
+
+    (dpg / "item_b.txt").unlink()
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "export",
+            str(folder),
+            str(tmp_path / "d2"),
+            "--format",
+            "dpg",
+            "--benchmark-files",
+            str(dpg),
+        ],
+    )
+    assert result.exit_code == 1 and "1 prompts are not in" in result.stderr
+    assert not (tmp_path / "d2").exists()
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "export",
+            str(folder),
+            str(tmp_path / "dpg"),
+            "--format",
+            "dpg",
+            "--benchmark-files",
+            str(dpg),
+        ],
+    )
+    assert result.exit_code == 1 and "--overwrite" in result.stderr

@@ -763,6 +763,30 @@ def eval_compare(
     console.print(f"written to {target / 'comparison.json'} and {target / 'report.md'}")
 
 
+@eval_app.command("export")
+def eval_export(
+    folder: Annotated[Path, typer.Argument(help="A generate folder, or images with images.jsonl.")],
+    dest: Annotated[Path, typer.Argument(help="Folder to write.")],
+    format: Annotated[str, typer.Option("--format", help="geneval or dpg.")],
+    benchmark_files: Annotated[
+        Path,
+        typer.Option(help="GenEval's evaluation_metadata.jsonl, or DPG-Bench's folder of prompt .txt files."),
+    ],
+    system: Annotated[str | None, typer.Option(help="Which system's images (default: calibrated).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace DEST if it already holds files.")] = False,
+) -> None:
+    """Write a folder's images in the layout the official GenEval or DPG-Bench evaluator reads."""
+    from img_guidance.eval.export import export
+
+    try:
+        counts = export(
+            folder, dest, format=format, benchmark_files=benchmark_files, system=system, overwrite=overwrite
+        )
+    except (ValueError, OSError) as err:
+        raise fail(str(err)) from err
+    console.print(f"wrote {counts['images']} images of {counts['prompts']} prompts to {dest} ({format})")
+
+
 @eval_app.command("scorers")
 def eval_scorers() -> None:
     """List the scorers."""
