@@ -267,3 +267,32 @@ def test_export_writes_the_geneval_and_dpg_layouts(tmp_path):
         ],
     )
     assert result.exit_code == 1 and "--overwrite" in result.stderr
+
+
+def test_eval_run_shapes_generates_scores_and_equals_shapes_judge(tmp_path):
+    from img_guidance.eval.benchmarks import get_benchmark
+
+    bench = get_benchmark("shapes")
+    prompts = bench.prompts()
+    assert len(prompts) == 211 and {c for _, c in prompts} >= {"single_object", "position"}
+    out = tmp_path / "run"
+    args = ["eval", "run", "shapes", "--model", "shapes", "--out", str(out), "--limit", "3"]
+    result = runner.invoke(app, [*args, "--images-per-prompt", "2", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in (out / "eval" / "scores.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 * 2 * 2  # prompts x seeds x (initial, calibrated)
+    assert [x["category"] for x in lines[::4]] == [c for _, c in prompts[:3]]
+    assert {x["seed"] for x in lines} == {0, 1}
+    judged = runner.invoke(app, ["shapes", "judge", str(out)])
+    assert judged.exit_code == 0, judged.output
+    report = json.loads((out / "judge.json").read_text())
+    summary = json.loads((out / "eval" / "summary.json").read_text())["systems"]
+    for system in ("initial", "calibrated"):
+        assert summary[system]["shapes-judge"]["mean"] == report[system]["overall"]["accuracy"]
+        for cat, value in summary[system]["shapes-judge"]["per_category"].items():
+            assert value == report[system]["per_category"][cat]["accuracy"]
+    # a rerun finds everything done; an unknown benchmark lists the valid ones
+    again = runner.invoke(app, [*args, "--images-per-prompt", "2", "--steps", "2"])
+    assert again.exit_code == 0 and "already" in again.output
+    bad = runner.invoke(app, ["eval", "run", "hpd", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and "unknown benchmark 'hpd'; choose from shapes" in bad.stderr

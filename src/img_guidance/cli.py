@@ -159,6 +159,10 @@ def convert(
     )
 
 
+def _category(item) -> dict[str, str]:
+    return {"category": item.category} if item.category is not None else {}
+
+
 def _chmod_as_umask(path: Path) -> None:
     """Give a folder made by ``mkdtemp`` (mode 0700) the mode a plain ``mkdir`` would give it."""
     import os
@@ -275,13 +279,9 @@ def generate(
     rerun into the same folder skips the prompts that are already finished, and refuses other
     settings than those the folder's images were made with (--overwrite replaces them).
     """
-    from img_guidance.backends import check_request
     from img_guidance.data.prompts import PromptItem, read_prompts
-    from img_guidance.outputs import OutputFolder, SettingsMismatch, check_writable, entry_name
 
     # Everything about the input is checked before any model loads.
-    if offload not in ("none", "model", "sequential"):
-        raise fail(f"--offload must be none, model or sequential, got {offload!r}")
     items = [PromptItem(p) for p in [*(prompt_args or []), *(prompt or [])]]
     if prompts_file is not None:
         try:
@@ -290,6 +290,68 @@ def generate(
             raise fail(str(err)) from err
     if not items:
         raise fail("no prompts: give them as arguments, with --prompt or with --prompts FILE")
+    generate_items(
+        items,
+        model=model,
+        unet=unet,
+        ip_adapter=ip_adapter,
+        image_encoder=image_encoder,
+        mllm=mllm,
+        prompt_format=prompt_format,
+        questions=questions,
+        aligner=aligner,
+        out=out,
+        seed=seed,
+        overwrite=overwrite,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+        rounds=rounds,
+        passes=passes,
+        ip_scale=ip_scale,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        offload=offload,
+        mllm_quantization=mllm_quantization,
+    )
+
+
+def generate_items(
+    items,
+    *,
+    model: str,
+    unet: str | None,
+    ip_adapter: str | None,
+    image_encoder: str | None,
+    mllm: str | None,
+    prompt_format: str | None,
+    questions: Path | None,
+    aligner: str | None,
+    out: Path,
+    seed: int,
+    overwrite: bool,
+    steps: int | None,
+    guidance_scale: float | None,
+    height: int | None,
+    width: int | None,
+    rounds: int,
+    passes: int,
+    ip_scale: float | None,
+    batch_size: int,
+    device: str,
+    dtype: str,
+    offload: str,
+    mllm_quantization: str | None,
+) -> None:
+    """What ``generate`` and ``eval run`` do with their prompt items (``PromptItem``: prompt, seed,
+    category): check everything, load the pipeline, write the output folder (resumable)."""
+    from img_guidance.backends import check_request
+    from img_guidance.outputs import OutputFolder, SettingsMismatch, check_writable, entry_name
+
+    if offload not in ("none", "model", "sequential"):
+        raise fail(f"--offload must be none, model or sequential, got {offload!r}")
     empty = [i for i, item in enumerate(items) if not item.prompt.strip()]
     if empty:
         raise fail(f"prompt {empty[0]} is empty")
@@ -394,7 +456,7 @@ def generate(
                         name,
                         result.initial[j],
                         [r.calibrated[j] for r in result.rounds],
-                        {"index": index, **result.metadata[j]},
+                        {"index": index, **result.metadata[j], **_category(items[index])},
                     )
                 except OSError as err:
                     raise fail(
@@ -761,6 +823,83 @@ def eval_compare(
         raise fail(str(err)) from err
     console.print(table)
     console.print(f"written to {target / 'comparison.json'} and {target / 'report.md'}")
+
+
+@eval_app.command("run")
+def eval_run(
+    benchmark: Annotated[str, typer.Argument(help="A benchmark (see `eval benchmarks`).")],
+    out: Annotated[Path, typer.Option(help="Output folder (resumable, as generate's).")],
+    model: Annotated[str, typer.Option(help="sdxl, sdxl-dpo, flux, shapes, or a pipeline folder.")] = "sdxl",
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first N prompts.")] = None,
+    images_per_prompt: Annotated[
+        int | None, typer.Option(min=1, help="Seeds 0..K-1 per prompt (default: the benchmark's).")
+    ] = None,
+    scorers: Annotated[str | None, typer.Option(help="Comma-separated (default: the benchmark's).")] = None,
+    scorer_weights: Annotated[list[str] | None, typer.Option(help="NAME=PATH; repeatable.")] = None,
+    mllm: Annotated[str | None, typer.Option(help="Guidance MLLM: preset, folder or hub id.")] = None,
+    aligner: Annotated[str | None, typer.Option(help="Aligner file, folder, hub id or preset.")] = None,
+    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps.")] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Calibration rounds.")] = 1,
+    passes: Annotated[int, typer.Option(min=0, help="Recurrent aligner passes.")] = 3,
+    ip_scale: Annotated[float | None, typer.Option(min=0.0, help="IP-Adapter scale.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch.")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace images made with other settings.")] = False,
+) -> None:
+    """Generate a benchmark's prompts with the base model and with IMG (as generate does, into OUT,
+    resumable), then score them (as eval score does)."""
+    from img_guidance.eval.benchmarks import get_benchmark
+    from img_guidance.eval.scorers import check_scorer_names
+
+    try:
+        bench = get_benchmark(benchmark)
+        items = bench.items(limit=limit, images_per_prompt=images_per_prompt)
+        names = check_scorer_names(
+            list(bench.scorers) if scorers is None else [n.strip() for n in scorers.split(",") if n.strip()]
+        )
+    except ValueError as err:
+        raise fail(str(err)) from err
+    _scorer_weights(scorer_weights)  # checked before any model loads
+    generate_items(
+        items,
+        model=model,
+        unet=None,
+        ip_adapter=None,
+        image_encoder=None,
+        mllm=mllm,
+        prompt_format=None,
+        questions=None,
+        aligner=aligner,
+        out=out,
+        seed=0,
+        overwrite=overwrite,
+        steps=steps,
+        guidance_scale=None,
+        height=None,
+        width=None,
+        rounds=rounds,
+        passes=passes,
+        ip_scale=ip_scale,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        offload="none",
+        mllm_quantization=None,
+    )
+    eval_score(out, scorers=",".join(names), scorer_weights=scorer_weights, device=device, batch_size=16)
+
+
+@eval_app.command("benchmarks")
+def eval_benchmarks() -> None:
+    """List the benchmarks."""
+    from img_guidance.eval.benchmarks import BENCHMARKS
+
+    for name, bench in BENCHMARKS.items():
+        console.print(
+            f"{name}: {bench.description}; {bench.images_per_prompt} images per prompt; "
+            f"scorers {', '.join(bench.scorers)}"
+        )
 
 
 @eval_app.command("export")

@@ -1,7 +1,8 @@
 """Prompt files for batch generation.
 
 - ``.txt``: one prompt per line (blank lines are skipped);
-- ``.jsonl``: one JSON object per line, ``{"prompt": str, "seed": int (optional)}``;
+- ``.jsonl``: one JSON object per line, ``{"prompt": str, "seed": int (optional), "category": str
+  (optional: recorded with the prompt's images, and read by ``img-guidance eval``)}``;
 - ``.json``: a list of strings, or a list of such objects.
 
 A file is read and checked whole before any model is loaded, so a bad line never costs a model load.
@@ -18,25 +19,29 @@ from pathlib import Path
 class PromptItem:
     prompt: str
     seed: int | None = None
+    category: str | None = None
 
 
 def _item(entry: object, where: str) -> PromptItem:
+    category = None
     if isinstance(entry, str):
         prompt, seed = entry, None
     elif isinstance(entry, dict):
-        unknown = set(entry) - {"prompt", "seed"}
+        unknown = set(entry) - {"prompt", "seed", "category"}
         if unknown:
             raise ValueError(
-                f"{where}: unknown keys {sorted(unknown)} (expected 'prompt' and optional 'seed')"
+                f"{where}: unknown keys {sorted(unknown)} (expected 'prompt' and optional 'seed', 'category')"
             )
-        prompt, seed = entry.get("prompt"), entry.get("seed")
+        prompt, seed, category = entry.get("prompt"), entry.get("seed"), entry.get("category")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
             raise ValueError(f"{where}: seed must be an integer, got {seed!r}")
+        if category is not None and (not isinstance(category, str) or not category.strip()):
+            raise ValueError(f"{where}: category must be a non-empty string, got {category!r}")
     else:
         raise ValueError(f"{where}: expected a prompt string or an object, got {entry!r}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"{where}: prompt must be a non-empty string, got {prompt!r}")
-    return PromptItem(prompt.strip(), seed)
+    return PromptItem(prompt.strip(), seed, category.strip() if category else None)
 
 
 def _check_uniform(entries: list[tuple[object, str]], path: Path) -> None:
