@@ -132,14 +132,11 @@ def evaluate(pipe, args, log) -> dict:
         ]
     )
     zero = torch.zeros(1, *oracle.shape[1:])
-    rows = {
-        "base": (prompts, None, 0.0),
-        "oracle, empty prompt, IP 1.0": ([""] * len(scenes), oracle, 1.0),
-        "oracle + prompt, IP 0.5": (prompts, oracle, 0.5),
-        "oracle + prompt, IP 1.0": (prompts, oracle, 1.0),
-        "mean8 + prompt, IP 0.5": (prompts, mean8, 0.5),
-        "mean8 + prompt, IP 1.0": (prompts, mean8, 1.0),
-    }
+    rows = {"base": (prompts, None, 0.0), "oracle, empty prompt, IP 1.0": ([""] * len(scenes), oracle, 1.0)}
+    for scale in args.ip_scales:
+        rows[f"oracle + prompt, IP {scale}"] = (prompts, oracle, scale)
+    for scale in args.ip_scales:
+        rows[f"mean8 + prompt, IP {scale}"] = (prompts, mean8, scale)
     results = {}
     for name, (texts, tokens, scale) in rows.items():
         images = []
@@ -185,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--eval-scenes", type=int, default=213)
     parser.add_argument("--sampling-steps", type=int, default=20)
+    parser.add_argument("--ip-scales", type=float, nargs="+", default=[0.5, 1.0], help="of the token rows")
     parser.add_argument("--tiny", action="store_true", help="a tiny UNet (tests)")
     args = parser.parse_args(argv)
     args.unet = dict(block_out_channels=(16, 32), head_dim=16) if args.tiny else None
