@@ -11,6 +11,12 @@
 - ``pickscore``: PickScore (Kirstain et al.), ``logit_scale.exp() * cos(text, image)`` with
   ``yuvalkirstain/PickScore_v1`` and the ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` processor (the
   reference's pairing; its preprocessing as ``clip-score``'s).
+- ``hpsv2`` / ``hpsv2.1``: HPS v2 (Wu et al.), ``100 * cos(text, image)`` (no logit scale) with
+  ``xswu/HPSv2``'s ``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt``, open_clip ViT-H-14 state
+  dicts converted once into a transformers ``CLIPModel`` folder (:mod:`.convert_open_clip`; cached
+  under ``$IMG_GUIDANCE_CACHE/converted``, default ``~/.cache/img-guidance``), the tokenizer of
+  ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``. Preprocessing as the reference's: the longest side
+  resized to 224 (bicubic), zero-padded to a centred square (not centre-cropped), CLIP mean and std.
 
 Every scorer with weights loads them from a hub id or a local folder (``weights=``); nothing needs the
 network when a local folder is given. transformers is imported inside the loaders.
@@ -19,8 +25,10 @@ network when a local folder is given. transformers is imported inside the loader
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,11 +39,17 @@ SCORERS: dict[str, str] = {
     "shapes-checks": "ShapesWorld's judge: the fraction of the prompt's checks that hold",
     "clip-score": "100 x max(cos(text, image), 0), openai/clip-vit-large-patch14 (torchmetrics' CLIP score)",
     "pickscore": "logit_scale.exp() x cos(text, image), yuvalkirstain/PickScore_v1",
+    "hpsv2": "100 x cos(text, image), HPS v2 (xswu/HPSv2 HPS_v2_compressed.pt, open_clip ViT-H-14)",
+    "hpsv2.1": "100 x cos(text, image), HPS v2.1 (xswu/HPSv2 HPS_v2.1_compressed.pt)",
 }
 DEFAULT_WEIGHTS = {
     "clip-score": ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"),
     "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    "hpsv2": ("xswu/HPSv2/HPS_v2_compressed.pt", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    "hpsv2.1": ("xswu/HPSv2/HPS_v2.1_compressed.pt", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
 }
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def check_scorer_names(names: Sequence[str]) -> list[str]:
@@ -66,9 +80,11 @@ def load_scorer(
     model_id, processor_id = DEFAULT_WEIGHTS[name]
     if weights is not None:
         model_id = weights
-        processor_id = processor or weights
+        processor_id = processor or (processor_id if name.startswith("hpsv2") else weights)
     elif processor is not None:
         processor_id = processor
+    if name.startswith("hpsv2"):
+        return HPSScorer(name, model_id, processor_id, device=device, dtype=dtype or torch.float32)
     return ClipScorer(name, model_id, processor_id, device=device, dtype=dtype or torch.float32)
 
 
@@ -161,6 +177,107 @@ class ClipScorer(Scorer):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.model_id, "processor": self.processor_id}
+
+
+class HPSScorer(ClipScorer):
+    """HPS v2 / v2.1: a ``CLIPModel`` converted from open_clip weights (on first use), scored as
+    100 x cos with the reference's pad-to-square preprocessing (see the module docstring)."""
+
+    def __init__(
+        self, name: str, model_id: str, tokenizer_id: str, *, device: str | torch.device, dtype: torch.dtype
+    ) -> None:
+        from transformers import AutoTokenizer, CLIPModel
+
+        from img_guidance.hub import pretrained_location
+
+        self.name = name
+        self.model_id, self.processor_id = model_id, tokenizer_id
+        try:
+            folder = converted_open_clip(model_id)
+            self.model = CLIPModel.from_pretrained(folder, dtype=dtype).to(device)
+            where, sub = pretrained_location(tokenizer_id)
+            self.tokenizer = AutoTokenizer.from_pretrained(where, subfolder=sub or "")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{name}: {err}") from None
+        except OSError as err:
+            from img_guidance.hub import missing_message
+
+            raise FileNotFoundError(f"{name}: {missing_message(tokenizer_id, 'tokenizer')} ({err})") from None
+        self.model.eval()
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The reference's preprocessing: [B, 3, S, S] (S: the model's image size)."""
+        size = self.model.config.vision_config.image_size
+        return torch.stack([pad_to_square(im, size) for im in images])
+
+    @torch.no_grad()
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
+        _check_batch(images, prompts)
+        tokens = self.tokenizer(
+            list(prompts),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.model.config.text_config.max_position_embeddings,
+        )
+        image = _features(
+            self.model.get_image_features(pixel_values=self.pixels(images).to(self.device, self.dtype))
+        )
+        text = _features(
+            self.model.get_text_features(
+                input_ids=tokens["input_ids"].to(self.device),
+                attention_mask=tokens["attention_mask"].to(self.device),
+            )
+        )
+        return (100 * torch.nn.functional.cosine_similarity(image.float(), text.float(), dim=-1)).cpu()
+
+
+def pad_to_square(image: Image.Image, size: int) -> torch.Tensor:
+    """open_clip's ResizeMaxSize then CLIP normalisation: the longest side resized to ``size``
+    (bicubic), zero-padded to a centred square (left / top get the smaller half), [0, 1], CLIP mean
+    and std -> [3, size, size]."""
+    import numpy as np
+
+    image = image.convert("RGB")
+    scale = size / max(image.size)
+    width, height = (round(d * scale) for d in image.size)
+    resized = image.resize((width, height), Image.BICUBIC)
+    canvas = Image.new("RGB", (size, size), (0, 0, 0))
+    canvas.paste(resized, ((size - width) // 2, (size - height) // 2))
+    array = np.asarray(canvas, dtype=np.float32) / 255.0
+    array = (array - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def converted_open_clip(location: str) -> str:
+    """A transformers folder for ``location``: itself where it already is one (a folder with
+    config.json), else the open_clip torch file (local, or ``owner/repo/file`` on the hub) converted
+    once into the conversion cache."""
+    import hashlib
+
+    from img_guidance.eval.convert_open_clip import convert_open_clip, read_open_clip_state_dict
+    from img_guidance.hub import hub_file
+
+    if os.path.isdir(location):
+        if not os.path.isfile(os.path.join(location, "config.json")):
+            raise FileNotFoundError(f"{location} is a folder without config.json: not a converted CLIP model")
+        return location
+    source = os.path.abspath(location) if os.path.exists(location) else location
+    key = hashlib.sha256(source.encode()).hexdigest()[:12]
+    dest = conversion_cache() / f"{Path(source).stem}-{key}"
+    if not (dest / "config.json").is_file():
+        convert_open_clip(read_open_clip_state_dict(hub_file(location)), dest)
+    return str(dest)
+
+
+def conversion_cache() -> Path:
+    """Where weights in another layout are converted to on first use."""
+    root = os.environ.get("IMG_GUIDANCE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "img-guidance"
+    )
+    return Path(root) / "converted"
 
 
 def _features(output: Any) -> torch.Tensor:
