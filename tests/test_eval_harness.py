@@ -63,6 +63,8 @@ def test_clip_scorers_follow_their_formulas(clip):
     )
     with pytest.raises(ValueError, match="one prompt per image"):
         pick.score(images, prompts[:1])
+    b32 = load_scorer("clip-b32", weights=str(clip)).score(images, prompts)
+    torch.testing.assert_close(b32, torch.tensor(cosines), atol=1e-5, rtol=1e-4)
 
 
 def test_unknown_scorers_list_the_valid_ones(tmp_path):
@@ -294,5 +296,66 @@ def test_eval_run_shapes_generates_scores_and_equals_shapes_judge(tmp_path):
     # a rerun finds everything done; an unknown benchmark lists the valid ones
     again = runner.invoke(app, [*args, "--images-per-prompt", "2", "--steps", "2"])
     assert again.exit_code == 0 and "already" in again.output
-    bad = runner.invoke(app, ["eval", "run", "hpd", "--out", str(tmp_path / "x")])
-    assert bad.exit_code == 1 and "unknown benchmark 'hpd'; choose from shapes" in bad.stderr
+    bad = runner.invoke(app, ["eval", "run", "hps", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and "unknown benchmark 'hps'; choose from shapes, hpd" in bad.stderr
+
+
+def test_benchmark_readers_read_each_source_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from img_guidance.eval.benchmarks import BENCHMARKS, COMPBENCH_CATEGORIES, get_benchmark
+
+    hpd = tmp_path / "hpd"
+    hpd.mkdir()
+    for style in ("anime", "concept-art", "paintings", "photo"):
+        (hpd / f"{style}.json").write_text(json.dumps([f"{style} one", f"{style} two"]))
+    assert get_benchmark("hpd").prompts(hpd)[:3] == [
+        ("anime one", "anime"),
+        ("anime two", "anime"),
+        ("concept-art one", "concept-art"),
+    ]
+
+    parti = tmp_path / "PartiPrompts.tsv"
+    parti.write_text(
+        "Prompt\tCategory\tChallenge\tNote\nbond\tAbstract\tBasic\t\na cat\tAnimals\tBasic\tnote\n"
+    )
+    assert get_benchmark("parti").prompts(parti) == [("bond", "Abstract"), ("a cat", "Animals")]
+
+    pick = tmp_path / "test_unique.parquet"
+    pq.write_table(
+        pa.table({"caption": ["a dog", "a dog", "a tree"], "best_image_uid": ["1", "2", "3"]}), pick
+    )
+    assert get_benchmark("pickapic-test").prompts(pick) == [("a dog", "all"), ("a tree", "all")]
+
+    comp = tmp_path / "compbench"
+    comp.mkdir()
+    for name in COMPBENCH_CATEGORIES:
+        (comp / f"{name}_val.txt").write_text(f"a {name} prompt\n\nanother {name}\n")
+    prompts = get_benchmark("t2i-compbench").prompts(comp)
+    assert len(prompts) == 12 and prompts[0] == ("a color prompt", "color") and prompts[-1][1] == "complex"
+    items = get_benchmark("t2i-compbench").items(comp, limit=2)
+    assert (
+        len(items) == 20 and items[0].seed == 0 and items[9].seed == 9 and items[10].prompt == "another color"
+    )
+
+    geneval = tmp_path / "evaluation_metadata.jsonl"
+    geneval.write_text('{"tag": "counting", "include": [], "prompt": "two cats"}\n')
+    assert get_benchmark("geneval").prompts(geneval) == [("two cats", "counting")]
+    geneval.write_text('{"tag": "counting"}\n')
+    with pytest.raises(ValueError, match=r"evaluation_metadata.jsonl:1 is not a GenEval metadata line"):
+        get_benchmark("geneval").prompts(geneval)
+
+    dpg = tmp_path / "dpg"
+    dpg.mkdir()
+    (dpg / "b.txt").write_text("second\n")
+    (dpg / "a.txt").write_text("first")
+    assert get_benchmark("dpg").prompts(dpg) == [("first", "all"), ("second", "all")]
+
+    with pytest.raises(ValueError, match="give --prompts-file"):
+        get_benchmark("parti").prompts()
+    with pytest.raises(FileNotFoundError, match=r"nothing\.tsv does not exist"):
+        get_benchmark("parti").prompts(tmp_path / "nothing.tsv")
+    assert set(BENCHMARKS) == {"shapes", "hpd", "parti", "pickapic-test", "t2i-compbench", "geneval", "dpg"}
+    result = runner.invoke(app, ["eval", "run", "parti", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "--prompts-file" in result.stderr and not (tmp_path / "o").exists()

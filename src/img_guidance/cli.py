@@ -830,6 +830,9 @@ def eval_run(
     benchmark: Annotated[str, typer.Argument(help="A benchmark (see `eval benchmarks`).")],
     out: Annotated[Path, typer.Option(help="Output folder (resumable, as generate's).")],
     model: Annotated[str, typer.Option(help="sdxl, sdxl-dpo, flux, shapes, or a pipeline folder.")] = "sdxl",
+    prompts_file: Annotated[
+        Path | None, typer.Option(help="The benchmark's prompt file or folder (see `eval benchmarks`).")
+    ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N prompts.")] = None,
     images_per_prompt: Annotated[
         int | None, typer.Option(min=1, help="Seeds 0..K-1 per prompt (default: the benchmark's).")
@@ -854,11 +857,12 @@ def eval_run(
 
     try:
         bench = get_benchmark(benchmark)
-        items = bench.items(limit=limit, images_per_prompt=images_per_prompt)
-        names = check_scorer_names(
+        items = bench.items(prompts_file, limit=limit, images_per_prompt=images_per_prompt)
+        wanted = (
             list(bench.scorers) if scorers is None else [n.strip() for n in scorers.split(",") if n.strip()]
         )
-    except ValueError as err:
+        names = check_scorer_names(wanted) if wanted else []
+    except (ValueError, OSError) as err:
         raise fail(str(err)) from err
     _scorer_weights(scorer_weights)  # checked before any model loads
     generate_items(
@@ -887,7 +891,10 @@ def eval_run(
         offload="none",
         mllm_quantization=None,
     )
-    eval_score(out, scorers=",".join(names), scorer_weights=scorer_weights, device=device, batch_size=16)
+    if names:
+        eval_score(out, scorers=",".join(names), scorer_weights=scorer_weights, device=device, batch_size=16)
+    else:
+        console.print(f"{benchmark} is scored by its own evaluator: img-guidance eval export {out} ...")
 
 
 @eval_app.command("benchmarks")
@@ -896,10 +903,8 @@ def eval_benchmarks() -> None:
     from img_guidance.eval.benchmarks import BENCHMARKS
 
     for name, bench in BENCHMARKS.items():
-        console.print(
-            f"{name}: {bench.description}; {bench.images_per_prompt} images per prompt; "
-            f"scorers {', '.join(bench.scorers)}"
-        )
+        scored = f"scorers {', '.join(bench.scorers)}" if bench.scorers else "scored by its own evaluator"
+        console.print(f"{name}: {bench.description}; {bench.images_per_prompt} images per prompt; {scored}")
 
 
 @eval_app.command("export")

@@ -11,6 +11,8 @@
 - ``pickscore``: PickScore (Kirstain et al.), ``logit_scale.exp() * cos(text, image)`` with
   ``yuvalkirstain/PickScore_v1`` and the ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` processor (the
   reference's pairing; its preprocessing as ``clip-score``'s).
+- ``clip-b32``: T2I-CompBench's non-spatial score, ``cos(text, image)`` with
+  ``openai/clip-vit-base-patch32`` (preprocessing as ``clip-score``'s).
 - ``hpsv2`` / ``hpsv2.1``: HPS v2 (Wu et al.), ``100 * cos(text, image)`` (no logit scale) with
   ``xswu/HPSv2``'s ``HPS_v2_compressed.pt`` / ``HPS_v2.1_compressed.pt``, open_clip ViT-H-14 state
   dicts converted once into a transformers ``CLIPModel`` folder (:mod:`.convert_open_clip`; cached
@@ -39,12 +41,14 @@ SCORERS: dict[str, str] = {
     "shapes-checks": "ShapesWorld's judge: the fraction of the prompt's checks that hold",
     "clip-score": "100 x max(cos(text, image), 0), openai/clip-vit-large-patch14 (torchmetrics' CLIP score)",
     "pickscore": "logit_scale.exp() x cos(text, image), yuvalkirstain/PickScore_v1",
+    "clip-b32": "cos(text, image), openai/clip-vit-base-patch32 (T2I-CompBench's non-spatial score)",
     "hpsv2": "100 x cos(text, image), HPS v2 (xswu/HPSv2 HPS_v2_compressed.pt, open_clip ViT-H-14)",
     "hpsv2.1": "100 x cos(text, image), HPS v2.1 (xswu/HPSv2 HPS_v2.1_compressed.pt)",
 }
 DEFAULT_WEIGHTS = {
     "clip-score": ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"),
     "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    "clip-b32": ("openai/clip-vit-base-patch32", "openai/clip-vit-base-patch32"),
     "hpsv2": ("xswu/HPSv2/HPS_v2_compressed.pt", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
     "hpsv2.1": ("xswu/HPSv2/HPS_v2.1_compressed.pt", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
 }
@@ -124,7 +128,8 @@ class ShapesJudgeScorer(Scorer):
 
 class ClipScorer(Scorer):
     """A transformers ``CLIPModel`` scoring image-text pairs by the cosine of their projected
-    features: ``clip-score`` = 100 x max(cos, 0); ``pickscore`` = logit_scale.exp() x cos."""
+    features: ``clip-score`` = 100 x max(cos, 0); ``pickscore`` = logit_scale.exp() x cos;
+    ``clip-b32`` = cos."""
 
     def __init__(
         self, name: str, model_id: str, processor_id: str, *, device: str | torch.device, dtype: torch.dtype
@@ -173,6 +178,8 @@ class ClipScorer(Scorer):
         cosine = torch.nn.functional.cosine_similarity(image.float(), text.float(), dim=-1)
         if self.name == "clip-score":
             return (100 * cosine.clamp(min=0)).cpu()
+        if self.name == "clip-b32":
+            return cosine.cpu()
         return (self.model.logit_scale.float().exp() * cosine).cpu()
 
     def describe(self) -> dict[str, Any]:
