@@ -176,6 +176,14 @@ def test_a_generate_folder_scores_as_initial_and_calibrated_and_matches_shapes_j
         report["img_vs_initial"][k] for k in ("wins", "ties", "losses")
     )
     assert "| calibrated |" in (out / "eval" / "report.md").read_text()
+    for name in ("shapes-judge.png", "shapes-judge-win-rate.png", "shapes-checks.png", "gallery.html"):
+        assert (out / "eval" / name).is_file(), name
+    assert Image.open(out / "eval" / "shapes-judge.png").format == "PNG"
+    page = (out / "eval" / "gallery.html").read_text()
+    assert "<img src='../" in page and "a red circle" in page
+    intervals = json.loads((out / "eval" / "comparison.json").read_text())["intervals"]["shapes-judge"]
+    overall = intervals["initial"]["overall"]
+    assert overall["prompts"] == 2 and overall["ci95"][0] <= overall["mean"] <= overall["ci95"][1]
 
 
 def test_eval_cli_bad_input_is_one_line(tmp_path):

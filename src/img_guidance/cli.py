@@ -803,26 +803,68 @@ def eval_compare(
     """Compare the systems of scored folders: per scorer, each system's mean (per category in
     summary.json), and its per-prompt win rate over the reference with a 95% bootstrap interval
     (resampling prompts) and the exact sign test on the prompts won and lost."""
-    from img_guidance.eval.harness import EVAL_DIR, compare, markdown_table, merge_rows, summarize
+    from img_guidance.eval.harness import (
+        EVAL_DIR,
+        category_intervals,
+        compare,
+        gallery_html,
+        markdown_table,
+        merge_rows,
+        summarize,
+    )
     from img_guidance.outputs import check_writable, write_json_atomic
 
     try:
         rows = merge_rows(folders)
-        scorers = [k for k in rows[0] if k not in ("file", "prompt", "seed", "system", "category")]
+        scorers = [k for k in rows[0] if k not in ("file", "prompt", "seed", "system", "category", "path")]
         summary = summarize(rows, scorers)
         comparison = compare(rows, scorers, reference=reference, resamples=resamples)
+        intervals = {name: category_intervals(rows, name, resamples=resamples) for name in scorers}
         target = out if out is not None else folders[0] / EVAL_DIR
         check_writable(target)
         target.mkdir(parents=True, exist_ok=True)
         table = markdown_table(summary, comparison)
-        write_json_atomic(target / "comparison.json", {**summary, "comparison": comparison})
+        write_json_atomic(
+            target / "comparison.json", {**summary, "intervals": intervals, "comparison": comparison}
+        )
         tmp = target / ".report.md.tmp"
         tmp.write_text(table, encoding="utf-8")
         os.replace(tmp, target / "report.md")
+        gallery = gallery_html(rows, comparison, target)
+        charts = _compare_charts(intervals, comparison, target)
     except (ValueError, OSError) as err:
         raise fail(str(err)) from err
     console.print(table)
-    console.print(f"written to {target / 'comparison.json'} and {target / 'report.md'}")
+    console.print(
+        f"written to {target}: comparison.json, report.md, {gallery.name}"
+        + "".join(f", {c.name}" for c in charts)
+    )
+    if not charts:
+        console.print('charts need matplotlib: pip install "img-guidance[eval]"')
+
+
+def _compare_charts(intervals: dict, comparison: dict, target: Path) -> list[Path]:
+    """Per scorer: the means per category with intervals, and the win rates; none without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return []
+    from img_guidance.eval.plots import score_chart, win_rate_chart
+
+    charts = []
+    for name, systems in intervals.items():
+        safe = name.replace(".", "_")
+        charts.append(score_chart(systems, target / f"{safe}.png", title=name, ylabel=f"{name} (95% CI)"))
+        wins = comparison["scorers"].get(name)
+        if wins:
+            charts.append(
+                win_rate_chart(
+                    wins,
+                    target / f"{safe}-win-rate.png",
+                    title=f"{name}: win rate over {comparison['reference']}",
+                )
+            )
+    return charts
 
 
 @eval_app.command("run")

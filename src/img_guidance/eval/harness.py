@@ -289,9 +289,36 @@ def _per_prompt(rows: Sequence[dict[str, Any]], name: str) -> dict[str, dict[str
     return {system: {p: _mean(v) for p, v in prompts.items()} for system, prompts in sums.items()}
 
 
+def category_intervals(
+    rows: Sequence[dict[str, Any]], name: str, *, resamples: int = 10000, seed: int = 0
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per system, per category and ``overall``: the mean of the per-prompt scores of ``name`` with
+    its 95% bootstrap interval (resampling prompts) -> {system: {column: {"mean", "ci95", "prompts"}}};
+    every system gets the columns of all, in first-seen order (empty ones with None)."""
+    from img_guidance.eval.stats import bootstrap_mean_interval
+
+    categories = list(dict.fromkeys(row["category"] for row in rows))
+    category_of = {(row["system"], row["prompt"]): row["category"] for row in rows}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for system, prompts in _per_prompt(rows, name).items():
+        table = {}
+        for column in [*categories, "overall"]:
+            values = [
+                v for p, v in prompts.items() if column == "overall" or category_of[(system, p)] == column
+            ]
+            if values:
+                low, high = bootstrap_mean_interval(values, resamples=resamples, seed=seed)
+                table[column] = {"mean": _mean(values), "ci95": [low, high], "prompts": len(values)}
+            else:
+                table[column] = {"mean": None, "ci95": [None, None], "prompts": 0}
+        out[system] = table
+    return out
+
+
 def merge_rows(folders: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
     """The score lines of several scored folders, system names made unique: a name that appears in
-    more than one folder is prefixed with its folder's name (``runA/calibrated``)."""
+    more than one folder is prefixed with its folder's name (``runA/calibrated``). Each line gets
+    ``path``: its image's path."""
     loaded = [(Path(f), read_scores(f)) for f in folders]
     seen: dict[str, int] = defaultdict(int)
     for _, rows in loaded:
@@ -301,7 +328,7 @@ def merge_rows(folders: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
     for folder, rows in loaded:
         for row in rows:
             name = row["system"] if seen[row["system"]] == 1 else f"{folder.name}/{row['system']}"
-            merged.append({**row, "system": name})
+            merged.append({**row, "system": name, "path": str(folder / row["file"])})
     return merged
 
 
@@ -340,3 +367,50 @@ def _finite(value: Any) -> bool:
 
 def _mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values) if values else math.nan
+
+
+def gallery_html(
+    rows: Sequence[dict[str, Any]], comparison: dict[str, Any], out: str | os.PathLike, *, count: int = 24
+) -> Path:
+    """A static page, ``out/gallery.html``: per scorer and system, the ``count`` prompts where the
+    system and the reference differ most (by the prompt's mean score), each with both systems' first
+    images (linked by relative path) and scores. Written through a temporary name."""
+    import html
+
+    out = Path(out)
+    reference = comparison["reference"]
+    first_image: dict[tuple[str, str], str] = {}
+    for row in rows:
+        first_image.setdefault((row["system"], row["prompt"]), row["path"])
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>img-guidance eval: where the systems differ</title>",
+        "<style>body{font-family:sans-serif} td{vertical-align:top;padding:4px} img{width:192px;"
+        "image-rendering:pixelated}</style>",
+        f"<h1>Where each system differs most from {html.escape(reference)}</h1>",
+    ]
+    for name, systems in comparison["scorers"].items():
+        per_prompt = _per_prompt(rows, name)
+        for system in systems:
+            mine, base = per_prompt.get(system, {}), per_prompt.get(reference, {})
+            shared = sorted((p for p in base if p in mine), key=lambda p: -abs(mine[p] - base[p]))[:count]
+            parts.append(
+                f"<h2>{html.escape(name)}: {html.escape(system)} against {html.escape(reference)}</h2>"
+            )
+            parts.append("<table><tr><th>prompt</th><th>reference</th><th>system</th></tr>")
+            for prompt in shared:
+                cells = []
+                for who, scores in ((reference, base), (system, mine)):
+                    src = html.escape(os.path.relpath(first_image[(who, prompt)], out))
+                    label = f"{html.escape(who)}: {scores[prompt]:.4g}"
+                    cells.append(f"<td><img src='{src}' alt=''><br>{label}</td>")
+                parts.append(f"<tr><td>{html.escape(prompt)}</td>{''.join(cells)}</tr>")
+            parts.append("</table>")
+    path = out / "gallery.html"
+    tmp = out / ".gallery.html.tmp"
+    try:
+        tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
