@@ -21,7 +21,14 @@ Systems (every one starts from the same initial images where it re-generates):
   embedding of the prompt instead of the detector's hidden states;
 - untrained detector: an aligner trained on the hidden states of the detector before finetuning;
 - L_base only / + DPO / + DPO + SPIN (the shipped recipe), and lambda 0.5 and 2 (lambda 0 is L_base
-  only, lambda 1 the shipped aligner).
+  only, lambda 1 the shipped aligner);
+- the reference never replaced (k past the run's steps; the shipped recipe replaces it after 10
+  consecutive wins); IMG with 1 pass instead of 3; IMG at IP scales 0.5 and 1.0.
+
+Every system is also compared with IMG (1 round) on the same images: the accuracy difference with a
+95% cluster-bootstrap interval (a scene's seeds resampled together) and McNemar's exact test
+(``eval.stats.compare_paired``). ``--chart PATH`` draws the per-category accuracy of base, IMG,
+another seed and the oracle with their intervals.
 
 Ablation aligners are trained on first use into ``RUN/ablations/NAME`` with the shipped aligner's
 recipe (its feature caches into ``RUN/ablations/features_*``). Output: a markdown table of accuracy
@@ -63,7 +70,9 @@ def prompt_set(split: str, per_category: int | None, seed: int) -> list:
     return chosen
 
 
-def ablation_aligner(run: Path, name: str, *, guidance: str, lam: float, terms: list[str], log) -> Path:
+def ablation_aligner(
+    run: Path, name: str, *, guidance: str, lam: float, terms: list[str], log, k: int | None = None
+) -> Path:
     """The aligner of one ablation, trained on first use with the shipped recipe's settings."""
     from img_guidance.shapes.train_all import ShapesRecipe, train_aligner_on
 
@@ -75,7 +84,7 @@ def ablation_aligner(run: Path, name: str, *, guidance: str, lam: float, terms: 
     cache = run / "features" if guidance == "detector" else features_for(run, guidance, recipe, log)
     log(f"training the ablation aligner {name} ({guidance} guidance, lambda {lam}, terms {terms})")
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the table only
-        train_aligner_on(cache, run / "ablations" / name, recipe, lam=lam, terms=terms)
+        train_aligner_on(cache, run / "ablations" / name, recipe, lam=lam, terms=terms, k=k)
     return final
 
 
@@ -136,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--skip-ablations", action="store_true", help="base, IMG and the two re-generations only"
     )
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--chart", type=Path, help="a PNG of per-category accuracy (needs matplotlib)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
 
@@ -143,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from img_guidance.aligner import load_aligner
     from img_guidance.backends.shapes import ShapesBackend
+    from img_guidance.eval.stats import compare_paired
     from img_guidance.guidance.questions import QUESTIONS
     from img_guidance.pipeline import IMGPipeline
     from img_guidance.shapes.grammar import describe
@@ -179,7 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     systems["base"] = batched(lambda p, s: backend.generate(p, s), prompts, seeds)
 
-    def img(aligner_dir: Path, guidance, questions=QUESTIONS, *, rounds=1, passes=3) -> list[list]:
+    def img(
+        aligner_dir: Path, guidance, questions=QUESTIONS, *, rounds=1, passes=3, ip_scale=None
+    ) -> list[list]:
         pipe = IMGPipeline(
             backend=backend, guidance=guidance, aligner=load_aligner(aligner_dir), questions=questions
         )
@@ -187,7 +200,12 @@ def main(argv: list[str] | None = None) -> dict:
         for i in range(0, len(prompts), args.batch_size):
             sl = slice(i, i + args.batch_size)
             out = pipe(
-                prompts[sl], seeds[sl], rounds=rounds, passes=passes, initial_images=systems["base"][sl]
+                prompts[sl],
+                seeds[sl],
+                rounds=rounds,
+                passes=passes,
+                ip_scale=ip_scale,
+                initial_images=systems["base"][sl],
             )
             for r in range(rounds):
                 per_round[r] += out.rounds[r].calibrated
@@ -208,6 +226,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     systems["correct-render tokens (oracle)"] = batched(from_renders, prompts, seeds, specs)
     if not args.skip_ablations:
+        systems["IMG, 1 pass"] = img(shipped, detector, passes=1)[0]
+        for scale in (0.5, 1.0):
+            if scale != backend.defaults.ip_scale:
+                systems[f"IMG at IP scale {scale}"] = img(shipped, detector, ip_scale=scale)[0]
+        recipe = json.loads((run / "train_all.json").read_text())["recipe"]
         ablations = {
             "text-embedding guidance": dict(guidance="text", lam=1.0, terms=["dpo", "spin"]),
             "untrained detector": dict(guidance="untrained", lam=1.0, terms=["dpo", "spin"]),
@@ -215,6 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
             "L_base + DPO": dict(guidance="detector", lam=1.0, terms=["dpo"]),
             "lambda 0.5": dict(guidance="detector", lam=0.5, terms=["dpo", "spin"]),
             "lambda 2": dict(guidance="detector", lam=2.0, terms=["dpo", "spin"]),
+            "reference never replaced": dict(
+                guidance="detector", lam=1.0, terms=["dpo", "spin"], k=recipe["aligner_steps"] + 1
+            ),
         }
         for label, spec in ablations.items():
             name = label.split(" (")[0].replace(" ", "_").replace("+", "plus").lower()
@@ -250,12 +276,41 @@ def main(argv: list[str] | None = None) -> dict:
         versus = "-" if name == "base" else f"{outcome.wins} / {outcome.ties} / {outcome.losses}"
         print(f"| {name} | " + " | ".join(cells) + f" | {versus} |")
         results[name] = {**report_dict(report), "vs_base": [outcome.wins, outcome.ties, outcome.losses]}
+    reference = "IMG (1 round, 3 passes)"
+    print()
+    print(f"### Paired against {reference} (same images; positive: {reference} is right more often)")
+    print()
+    print("| system | difference | 95% CI (cluster bootstrap) | only IMG right / only it right | McNemar p |")
+    print("|---|---|---|---|---|")
+    groups = [describe(s) for s in specs]  # a scene's seeds are resampled together
+    for name in systems:
+        if name == reference:
+            continue
+        paired = compare_paired(
+            [v.correct for v in verdicts[reference]], [v.correct for v in verdicts[name]], groups=groups
+        )
+        low, high = paired.ci95
+        mark = " *" if paired.significant else ""
+        print(
+            f"| {name} | {paired.difference:+.3f} | [{low:+.3f}, {high:+.3f}] | "
+            f"{paired.only_a} / {paired.only_b} | {paired.p_value:.3g}{mark} |"
+        )
+        results[name]["vs_img"] = paired.to_dict()
     seconds = time.perf_counter() - start
     print()
     print(
-        f"{len(prompts)} images per system; 95% Wilson intervals; {seconds / 60:.1f} min on "
-        f"{torch.get_num_threads()} threads"
+        f"{len(prompts)} images per system; 95% Wilson intervals; * McNemar p < 0.05; "
+        f"{seconds / 60:.1f} min on {torch.get_num_threads()} threads"
     )
+    if args.chart:
+        from img_guidance.eval.plots import category_accuracy_chart
+
+        shown = ["base", reference, "another seed", "correct-render tokens (oracle)"]
+        category_accuracy_chart(
+            {name: results[name] for name in shown},
+            args.chart,
+            title=f"ShapesWorld {args.split}: {len(scenes)} scenes x {args.seeds} seeds",
+        )
     out = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "images_per_system": len(prompts),

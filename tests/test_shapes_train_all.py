@@ -123,10 +123,21 @@ def test_the_benchmark_runs_every_system_on_a_finished_run(run, tmp_path, capsys
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     args = ["--run", str(run), "--split", "validation", "--per-category", "1", "--seeds", "2"]
-    out = module.main([*args, "--json", str(tmp_path / "eval.json")])
+    out = module.main([*args, "--json", str(tmp_path / "eval.json"), "--chart", str(tmp_path / "eval.png")])
     systems = out["systems"]
     assert {"base", "IMG (2 rounds)", "correct-render tokens (oracle)", "lambda 2"} <= set(systems)
-    assert len(systems) == 12
+    assert {"IMG, 1 pass", "IMG at IP scale 0.5", "IMG at IP scale 1.0", "reference never replaced"} <= set(
+        systems
+    )
+    assert len(systems) == 16
+    # every system is paired against IMG (1 round) on the same images
+    paired = systems["base"]["vs_img"]
+    assert (
+        paired["n"] == 12
+        and 0 <= paired["p_value"] <= 1
+        and "vs_img" not in systems["IMG (1 round, 3 passes)"]
+    )
+    assert (tmp_path / "eval.png").read_bytes().startswith(b"\x89PNG")
     # six categories, one scene each, two seeds
     assert out["images_per_system"] == 12 and systems["base"]["overall"]["n"] == 12
     assert sum(systems["IMG (1 round, 3 passes)"]["vs_base"]) == 12
@@ -138,10 +149,11 @@ def test_the_benchmark_runs_every_system_on_a_finished_run(run, tmp_path, capsys
         "l_base_plus_dpo",
         "lambda_0.5",
         "lambda_2",
+        "reference_never_replaced",
     }
     table = capsys.readouterr().out
     assert table.startswith("## ShapesWorld")  # the ablations' training logs go to stderr
-    assert table.count("\n| ") == 13 and "correct-render tokens (oracle)" in table
+    assert table.count("\n| ") == 17 + 16 and "correct-render tokens (oracle)" in table  # two tables
     assert json.loads((tmp_path / "eval.json").read_text())["systems"] == systems
 
 

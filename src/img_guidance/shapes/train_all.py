@@ -259,10 +259,18 @@ def stage_aligner(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -
 
 
 def train_aligner_on(
-    cache: Path, run: Path, recipe: ShapesRecipe, *, lam: float, terms: list[str], seed: int | None = None
+    cache: Path,
+    run: Path,
+    recipe: ShapesRecipe,
+    *,
+    lam: float,
+    terms: list[str],
+    seed: int | None = None,
+    k: int | None = None,
 ) -> dict[str, Any]:
     """The aligner recipe on a ShapesWorld feature cache with the recipe's settings (the benchmark's
-    ablations change ``lam`` and ``terms``)."""
+    ablations change ``lam``, ``terms`` and ``k``: the reference is replaced after k consecutive wins;
+    ``k`` past the run's steps keeps it for the whole run)."""
     from img_guidance.recipes.train_aligner import TrainConfig, train
 
     shutil.rmtree(run, ignore_errors=True)
@@ -276,7 +284,7 @@ def train_aligner_on(
         head_dim=recipe.aligner_head_dim,
         ff_mult=2,
         lam=lam,
-        k=recipe.aligner_k,
+        k=recipe.aligner_k if k is None else k,
         terms=terms,
         max_steps=recipe.aligner_steps,
         batch_size=recipe.aligner_batch,
