@@ -48,6 +48,12 @@ def build(args):
     unet = {**(args.unet or {}), "coordinates": bool(args.coords)}
     pipe = ShapesWorldPipeline.build(seed=args.seed, unet=unet)
     pipe.compute_dtype = None  # float32 everywhere: the timings are comparable across CPUs
+    if getattr(args, "encoder_channels", None):  # e.g. 32 128: two stride-2 stages, an 8 x 8 map
+        from img_guidance.shapes.models import ShapesImageEncoder
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed + 1)
+            pipe.image_encoder = ShapesImageEncoder(channels=tuple(args.encoder_channels))
     pipe.add_ip_adapter(seed=args.seed + 1, kind="spatial" if args.spatial else "global")
     if args.tokens != 4 and not args.spatial:
         with torch.random.fork_rng(devices=[]):
@@ -172,6 +178,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=4)
     parser.add_argument("--coords", action="store_true")
     parser.add_argument("--spatial", action="store_true", help="one token per cell of the encoder's map")
+    parser.add_argument(
+        "--encoder-channels",
+        type=int,
+        nargs="+",
+        help="the image encoder's stride-2 stages (default 32 64 128: a 4 x 4 map; 32 128: 8 x 8)",
+    )
     parser.add_argument("--train-encoder", action="store_true", help="train the image encoder too")
     parser.add_argument("--conditions", type=float, nargs=4, default=[0.4, 0.3, 0.2, 0.1])
     parser.add_argument(

@@ -155,3 +155,21 @@ def test_bad_open_clip_files_are_named(tmp_path, monkeypatch):
         load_scorer("hpsv2", weights=str(tmp_path / "other.pt"))
     with pytest.raises(FileNotFoundError, match=r"hpsv2.1: .*missing\.pt"):
         load_scorer("hpsv2.1", weights=str(tmp_path / "missing.pt"))
+
+
+def test_convert_scorer_writes_a_folder_that_scores_the_same(weights, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from img_guidance.cli import app
+
+    root, _, _ = weights
+    monkeypatch.setenv("IMG_GUIDANCE_CACHE", str(tmp_path / "cache"))
+    dest = tmp_path / "hps-converted"
+    result = CliRunner().invoke(app, ["convert-scorer", str(root / "HPS_tiny.pt"), str(dest)])
+    assert result.exit_code == 0, result.output
+    images, prompts = [Image.new("RGB", (30, 30), (10, 200, 30))], ["green"]
+    from_folder = load_scorer("hpsv2", weights=str(dest), processor=str(root / "tokenizer"))
+    from_file = load_scorer("hpsv2", weights=str(root / "HPS_tiny.pt"), processor=str(root / "tokenizer"))
+    torch.testing.assert_close(from_folder.score(images, prompts), from_file.score(images, prompts))
+    again = CliRunner().invoke(app, ["convert-scorer", str(root / "HPS_tiny.pt"), str(dest)])
+    assert again.exit_code == 1 and "--overwrite" in again.stderr

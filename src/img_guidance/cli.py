@@ -973,6 +973,31 @@ def eval_export(
     console.print(f"wrote {counts['images']} images of {counts['prompts']} prompts to {dest} ({format})")
 
 
+@app.command("convert-scorer")
+def convert_scorer(
+    src: Annotated[
+        str, typer.Argument(help="An open_clip CLIP torch file (local or owner/repo/file), e.g. HPS v2's.")
+    ],
+    dest: Annotated[Path, typer.Argument(help="Folder to write (a transformers CLIPModel).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace DEST if it already holds files.")] = False,
+) -> None:
+    """Convert a scorer's open_clip weights (HPS v2: xswu/HPSv2/HPS_v2_compressed.pt) into a
+    transformers CLIPModel folder, for --scorer-weights hpsv2=DEST. eval score also does this by itself
+    on first use, into a cache folder."""
+    from img_guidance.eval.convert_open_clip import convert_open_clip, read_open_clip_state_dict
+    from img_guidance.hub import hub_file
+    from img_guidance.outputs import check_writable
+
+    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not overwrite)):
+        raise fail(f"{dest} already holds files; pass --overwrite to replace them")
+    try:
+        check_writable(dest.parent)
+        written = convert_open_clip(read_open_clip_state_dict(hub_file(src)), dest)
+    except (ValueError, OSError) as err:
+        raise fail(str(err)) from err
+    console.print(f"wrote {written}: use it with --scorer-weights hpsv2={written}")
+
+
 @eval_app.command("scorers")
 def eval_scorers() -> None:
     """List the scorers."""
