@@ -173,3 +173,31 @@ def test_convert_scorer_writes_a_folder_that_scores_the_same(weights, tmp_path, 
     torch.testing.assert_close(from_folder.score(images, prompts), from_file.score(images, prompts))
     again = CliRunner().invoke(app, ["convert-scorer", str(root / "HPS_tiny.pt"), str(dest)])
     assert again.exit_code == 1 and "--overwrite" in again.stderr
+
+
+def test_vit_h_14_towers_get_open_clips_head_widths():
+    """HPS v2 is open_clip's ViT-H-14: its vision width 1280 is split into 16 heads of 80 (``head_width``
+    in open_clip's model config; the heads cannot be read off the shapes), its text width 1024 into 16
+    heads of 64, as laion/CLIP-ViT-H-14-laion2B-s32B-b79K's transformers config has them."""
+    from img_guidance.eval.convert_open_clip import clip_config
+
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+
+    state = {
+        "token_embedding.weight": meta(49408, 1024),
+        "positional_embedding": meta(77, 1024),
+        "text_projection": meta(1024, 1024),
+        "visual.conv1.weight": meta(1280, 3, 14, 14),
+        "visual.positional_embedding": meta(257, 1280),
+    }
+    state |= {f"transformer.resblocks.{i}.mlp.c_fc.weight": meta(4096, 1024) for i in range(24)}
+    state |= {f"visual.transformer.resblocks.{i}.mlp.c_fc.weight": meta(5120, 1280) for i in range(32)}
+    config = clip_config(state)
+    vision, text = config["vision_config"], config["text_config"]
+    assert (vision["num_attention_heads"], vision["num_hidden_layers"], vision["image_size"]) == (16, 32, 224)
+    assert (text["num_attention_heads"], text["num_hidden_layers"], config["projection_dim"]) == (
+        16,
+        24,
+        1024,
+    )

@@ -46,3 +46,15 @@ def llama_tokenizer(extra_special_tokens: tuple[str, ...] = ("<image>",), model_
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token
     return tok
+
+
+def bert_tokenizer(model_max_length: int = 512):
+    """A BertTokenizer (WordPiece, lower-cased) over single characters and their ``##`` continuations,
+    with BERT's [PAD], [UNK], [CLS], [SEP], [MASK] at ids 0-4 (bert-base-uncased: 0, 100, 101, 102, 103)."""
+    from transformers import BertTokenizer
+
+    vocab = {t: i for i, t in enumerate(("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"))}
+    for c in CHARS.lower():
+        for piece in (c, "##" + c):
+            vocab.setdefault(piece, len(vocab))
+    return BertTokenizer(vocab=vocab, model_max_length=model_max_length)

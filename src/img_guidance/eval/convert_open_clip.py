@@ -1,9 +1,11 @@
 """open_clip's CLIP state dicts (HPS v2 / v2.1 ship in that layout) as transformers ``CLIPModel`` folders.
 
-Every dimension is read off the tensor shapes; the attention head width is 64 (open_clip's ViT
-convention), the activation GELU (open_clip's default; ``quick_gelu`` only for OpenAI's weights),
-layer-norm epsilon 1e-5; the text is pooled at the position of its highest token id, as open_clip
-pools it (``eos_token_id=2`` selects that rule in transformers). Keys, open_clip -> transformers:
+Every dimension is read off the tensor shapes; the attention head width is 64 (open_clip's default),
+except in the vision towers whose model configs set ``head_width`` (ViT-H-14, HPS v2's: 80; ViT-g-14:
+88; ViT-bigG-14: 104), known by their widths; the activation GELU (open_clip's default; ``quick_gelu``
+only for OpenAI's weights), layer-norm epsilon 1e-5; the text is pooled at the position of its highest
+token id, as open_clip pools it (``eos_token_id=2`` selects that rule in transformers). Keys, open_clip
+-> transformers:
 
 - text: ``token_embedding.weight`` -> ``text_model.embeddings.token_embedding.weight``,
   ``positional_embedding`` -> ``...position_embedding.weight``, ``transformer.resblocks.{i}`` ->
@@ -31,24 +33,36 @@ from typing import Any
 
 import torch
 
+# 2: ViT-H-14's vision heads split as open_clip splits them (16 of 80; version 1 made 20 of 64)
+VERSION = 2
 HEAD_DIM = 64
+# open_clip's model_configs/*.json: vision width -> head_width where it is not 64 (ViT-H-14, ViT-g-14,
+# ViT-bigG-14); the heads cannot be read off the shapes, and a wrong split changes every attention
+VISION_HEAD_DIM = {1280: 80, 1408: 88, 1664: 104}
 
 
-def read_open_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A torch file's open_clip state dict (``weights_only=True``; a ``state_dict`` wrapper and a DDP
-    ``module.`` prefix are removed)."""
+def read_state_dict(path: str | os.PathLike, *, what: str) -> dict[str, torch.Tensor]:
+    """A torch file's state dict (``weights_only=True``; a ``state_dict`` or ``model`` wrapper and a DDP
+    ``module.`` prefix are removed); ``what`` names the weights in errors. Shared by the converters."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"open_clip weights not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors surface as many exception types
-        raise ValueError(f"{path} is not a torch weights file that can be read safely: {err}") from None
-    if isinstance(state, Mapping) and "state_dict" in state:
-        state = state["state_dict"]
+    except Exception as err:  # pickle errors surface as many exception types, some over many lines
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path} is not a torch weights file that can be read safely: {reason}") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def read_open_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A torch file's open_clip state dict (see :func:`read_state_dict`)."""
+    return read_state_dict(path, what="open_clip weights")
 
 
 def clip_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -84,7 +98,7 @@ def clip_config(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
             hidden_size=vision_width,
             intermediate_size=state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
             num_hidden_layers=_layers(state, "visual.transformer.resblocks."),
-            num_attention_heads=max(1, vision_width // HEAD_DIM),
+            num_attention_heads=max(1, vision_width // VISION_HEAD_DIM.get(vision_width, HEAD_DIM)),
             image_size=grid * patch,
             patch_size=patch,
             hidden_act="gelu",

@@ -19,6 +19,14 @@
   under ``$IMG_GUIDANCE_CACHE/converted``, default ``~/.cache/img-guidance``), the tokenizer of
   ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``. Preprocessing as the reference's: the longest side
   resized to 224 (bicubic), zero-padded to a centred square (not centre-cropped), CLIP mean and std.
+- ``imagereward``: ImageReward (Xu et al.), ``(r - 0.16717362830052426) / 1.0333394966054072`` where r is
+  an MLP on the [CLS] state of BLIP's BERT-base text encoder cross-attending to BLIP's ViT-L/16 image
+  tokens (:mod:`.imagereward`), ``THUDM/ImageReward``'s ``ImageReward.pt`` (original BLIP layout)
+  converted once into an :class:`~.imagereward.ImageRewardModel` folder (:mod:`.convert_imagereward`;
+  cached as HPS's), the tokenizer of ``google-bert/bert-base-uncased`` with BLIP's ``[DEC]`` and
+  ``[ENC]`` added, prompts padded and truncated to 35 tokens. Preprocessing as the reference's
+  (torchvision's ``Resize(224, BICUBIC)``, ``CenterCrop(224)``): the shortest side resized to 224
+  (bicubic; the other to ``int(224 * long / short)``), a centred 224 x 224 crop, CLIP mean and std.
 
 Every scorer with weights loads them from a hub id or a local folder (``weights=``); nothing needs the
 network when a local folder is given. transformers is imported inside the loaders.
@@ -28,7 +36,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +52,7 @@ SCORERS: dict[str, str] = {
     "clip-b32": "cos(text, image), openai/clip-vit-base-patch32 (T2I-CompBench's non-spatial score)",
     "hpsv2": "100 x cos(text, image), HPS v2 (xswu/HPSv2 HPS_v2_compressed.pt, open_clip ViT-H-14)",
     "hpsv2.1": "100 x cos(text, image), HPS v2.1 (xswu/HPSv2 HPS_v2.1_compressed.pt)",
+    "imagereward": "ImageReward: BLIP ViT-L/16 + BERT cross-attention + MLP, normalised (THUDM/ImageReward)",
 }
 DEFAULT_WEIGHTS = {
     "clip-score": ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"),
@@ -51,7 +60,11 @@ DEFAULT_WEIGHTS = {
     "clip-b32": ("openai/clip-vit-base-patch32", "openai/clip-vit-base-patch32"),
     "hpsv2": ("xswu/HPSv2/HPS_v2_compressed.pt", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
     "hpsv2.1": ("xswu/HPSv2/HPS_v2.1_compressed.pt", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    "imagereward": ("THUDM/ImageReward/ImageReward.pt", "google-bert/bert-base-uncased"),
 }
+# scorers whose weights are converted from another layout: their processor is never the weights' folder
+CONVERTED = ("hpsv2", "hpsv2.1", "imagereward")
+IMAGEREWARD_MAX_TOKENS = 35
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -84,12 +97,15 @@ def load_scorer(
     model_id, processor_id = DEFAULT_WEIGHTS[name]
     if weights is not None:
         model_id = weights
-        processor_id = processor or (processor_id if name.startswith("hpsv2") else weights)
+        processor_id = processor or (processor_id if name in CONVERTED else weights)
     elif processor is not None:
         processor_id = processor
+    dtype = dtype or torch.float32
+    if name == "imagereward":
+        return ImageRewardScorer(name, model_id, processor_id, device=device, dtype=dtype)
     if name.startswith("hpsv2"):
-        return HPSScorer(name, model_id, processor_id, device=device, dtype=dtype or torch.float32)
-    return ClipScorer(name, model_id, processor_id, device=device, dtype=dtype or torch.float32)
+        return HPSScorer(name, model_id, processor_id, device=device, dtype=dtype)
+    return ClipScorer(name, model_id, processor_id, device=device, dtype=dtype)
 
 
 class Scorer:
@@ -258,25 +274,187 @@ def pad_to_square(image: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
-def converted_open_clip(location: str) -> str:
-    """A transformers folder for ``location``: itself where it already is one (a folder with
-    config.json), else the open_clip torch file (local, or ``owner/repo/file`` on the hub) converted
-    once into the conversion cache."""
-    import hashlib
+class ImageRewardScorer(Scorer):
+    """ImageReward: an :class:`~.imagereward.ImageRewardModel` converted from the original checkpoint
+    (on first use), scored with the reference's tokenizer settings and centre-crop preprocessing (see
+    the module docstring)."""
 
-    from img_guidance.eval.convert_open_clip import convert_open_clip, read_open_clip_state_dict
+    def __init__(
+        self, name: str, model_id: str, tokenizer_id: str, *, device: str | torch.device, dtype: torch.dtype
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        from img_guidance.eval.imagereward import ImageRewardModel
+        from img_guidance.hub import pretrained_location
+
+        self.name = name
+        self.model_id, self.processor_id = model_id, tokenizer_id
+        try:
+            folder = converted_imagereward(model_id)
+            self.model = ImageRewardModel.from_pretrained(folder, dtype=dtype).to(device)
+        except OSError as err:  # a missing file, or a folder without weights
+            raise FileNotFoundError(f"{name}: {err}") from None
+        self.model.head.float()  # the reference runs its head on float32 features in any precision
+        try:
+            where, sub = pretrained_location(tokenizer_id)
+            self.tokenizer = AutoTokenizer.from_pretrained(where, subfolder=sub or "")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{name}: {err}") from None
+        except OSError as err:
+            from img_guidance.hub import missing_message
+
+            raise FileNotFoundError(f"{name}: {missing_message(tokenizer_id, 'tokenizer')} ({err})") from None
+        # BLIP's tokenizer adds these two to bert-base-uncased (ids 30522, 30523): a prompt that spells
+        # one reads it as that token, as the reference does
+        self.tokenizer.add_tokens(["[DEC]", "[ENC]"], special_tokens=True)
+        vocab = self.model.text_encoder.config.vocab_size
+        if len(self.tokenizer) > vocab:
+            raise ValueError(
+                f"{name}: the tokenizer {tokenizer_id} has {len(self.tokenizer)} tokens with [DEC] and "
+                f"[ENC], more than the model's {vocab}: not BLIP's BERT tokenizer"
+            )
+        self.model.eval()
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The reference's preprocessing: [B, 3, S, S] (S: the model's image size)."""
+        return torch.stack([resize_center_crop(im, self.model.image_size) for im in images])
+
+    @torch.no_grad()
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
+        _check_batch(images, prompts)
+        tokens = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=IMAGEREWARD_MAX_TOKENS,
+            return_tensors="pt",
+        )
+        rewards = self.model(
+            pixel_values=self.pixels(images).to(self.device, self.dtype),
+            input_ids=tokens["input_ids"].to(self.device),
+            attention_mask=tokens["attention_mask"].to(self.device),
+        )
+        return rewards.float().cpu()
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "model": self.model_id, "processor": self.processor_id}
+
+
+def resize_center_crop(image: Image.Image, size: int) -> torch.Tensor:
+    """torchvision's ``Resize(size, BICUBIC)``, ``CenterCrop(size)`` on a PIL image, then RGB and CLIP
+    normalisation (ImageReward's and OpenAI CLIP's transform): the shortest side resized to ``size``
+    and the other to ``int(size * long / short)`` (truncated, as torchvision computes it), bicubic; the
+    crop's left / top at ``round((side - size) / 2)`` (Python's round: halves to even); [0, 1], CLIP
+    mean and std -> [3, size, size]."""
+    import numpy as np
+
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    other = int(size * long / short)
+    new_width, new_height = (size, other) if width <= height else (other, size)
+    if (new_width, new_height) != image.size:
+        image = image.resize((new_width, new_height), Image.BICUBIC)
+    left, top = round((new_width - size) / 2), round((new_height - size) / 2)  # halves to even
+    cropped = image.crop((left, top, left + size, top + size)).convert("RGB")
+    array = np.asarray(cropped, dtype=np.float32) / 255.0
+    array = (array - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def converted_open_clip(location: str) -> str:
+    """A transformers ``CLIPModel`` folder for ``location``: itself where it already is one, else the
+    open_clip torch file (local, or ``owner/repo/file`` on the hub) converted once into the conversion
+    cache."""
+    from img_guidance.eval.convert_open_clip import VERSION, convert_open_clip, read_open_clip_state_dict
+
+    return _converted(
+        location,
+        lambda path, dest: convert_open_clip(read_open_clip_state_dict(path), dest),
+        class_name="CLIPModel",
+        what="a converted CLIP model",
+        version=VERSION,
+    )
+
+
+def converted_imagereward(location: str) -> str:
+    """An :class:`~.imagereward.ImageRewardModel` folder for ``location``: itself where it already is
+    one, else ImageReward's original torch file (local, or ``owner/repo/file`` on the hub) converted
+    once into the conversion cache."""
+    from img_guidance.eval.convert_imagereward import (
+        VERSION,
+        convert_imagereward,
+        read_imagereward_state_dict,
+    )
+
+    def convert(path: Path, dest: Path) -> Path:
+        state = read_imagereward_state_dict(path)  # its errors name the file
+        try:
+            return convert_imagereward(state, dest)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    return _converted(
+        location,
+        convert,
+        class_name="ImageRewardModel",
+        what="a converted ImageReward model",
+        version=VERSION,
+    )
+
+
+def _converted(
+    location: str, convert: Callable[[Path, Path], Path], *, class_name: str, what: str, version: int
+) -> str:
+    """``location`` where it is a folder holding ``class_name`` (its config.json says so), else the
+    torch file at ``location`` converted by ``convert(file, dest)`` into the conversion cache, once per
+    converter ``version`` (a fixed converter does not reuse what an older one wrote)."""
+    import hashlib
+    import json
+
     from img_guidance.hub import hub_file
 
     if os.path.isdir(location):
-        if not os.path.isfile(os.path.join(location, "config.json")):
-            raise FileNotFoundError(f"{location} is a folder without config.json: not a converted CLIP model")
+        config = Path(location) / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"{location} is a folder without config.json: not {what}")
+        saved = json.loads(config.read_text())
+        held = [saved.get("_class_name"), *(saved.get("architectures") or [])]
+        if class_name not in held:
+            found = next((c for c in held if c), "an unknown model")
+            raise ValueError(f"{location} holds {found}, not {what} ({class_name})")
         return location
     source = os.path.abspath(location) if os.path.exists(location) else location
-    key = hashlib.sha256(source.encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{source}\nconverter {version}".encode()).hexdigest()[:12]
     dest = conversion_cache() / f"{Path(source).stem}-{key}"
     if not (dest / "config.json").is_file():
-        convert_open_clip(read_open_clip_state_dict(hub_file(location)), dest)
+        convert(hub_file(location), dest)
     return str(dest)
+
+
+def convert_scorer_file(location: str, dest: str | os.PathLike) -> tuple[str, Path]:
+    """Convert a scorer's released torch file (local, or ``owner/repo/file`` on the hub) into the folder
+    its scorer loads: an open_clip CLIP state dict (HPS v2 / v2.1) into a transformers ``CLIPModel``,
+    ImageReward's ``ImageReward.pt`` into an ``ImageRewardModel``. Returns (the scorer's name for
+    ``--scorer-weights``, the folder)."""
+    from img_guidance.eval.convert_imagereward import REQUIRED, convert_imagereward, is_imagereward_state
+    from img_guidance.eval.convert_open_clip import convert_open_clip, read_state_dict
+    from img_guidance.hub import hub_file
+
+    path = hub_file(location)
+    state = read_state_dict(path, what="scorer weights")
+    try:
+        if is_imagereward_state(state):
+            return "imagereward", convert_imagereward(state, dest)
+        if "visual.conv1.weight" in state:
+            return "hpsv2", convert_open_clip(state, dest)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    raise ValueError(
+        f"{path} is neither an open_clip CLIP state dict (HPS v2; it has no visual.conv1.weight) nor an "
+        f"ImageReward checkpoint (no {REQUIRED[0]})"
+    )
 
 
 def conversion_cache() -> Path:
