@@ -976,26 +976,33 @@ def eval_export(
 @app.command("convert-scorer")
 def convert_scorer(
     src: Annotated[
-        str, typer.Argument(help="An open_clip CLIP torch file (local or owner/repo/file), e.g. HPS v2's.")
+        str,
+        typer.Argument(
+            help="A scorer's torch file (local or owner/repo/file): HPS v2's open_clip state dict or "
+            "ImageReward.pt."
+        ),
     ],
-    dest: Annotated[Path, typer.Argument(help="Folder to write (a transformers CLIPModel).")],
+    dest: Annotated[
+        Path, typer.Argument(help="Folder to write (a transformers CLIPModel or ImageRewardModel).")
+    ],
     overwrite: Annotated[bool, typer.Option(help="Replace DEST if it already holds files.")] = False,
 ) -> None:
-    """Convert a scorer's open_clip weights (HPS v2: xswu/HPSv2/HPS_v2_compressed.pt) into a
-    transformers CLIPModel folder, for --scorer-weights hpsv2=DEST. eval score also does this by itself
-    on first use, into a cache folder."""
-    from img_guidance.eval.convert_open_clip import convert_open_clip, read_open_clip_state_dict
-    from img_guidance.hub import hub_file
+    """Convert a scorer's released weights into the folder its scorer loads: open_clip weights (HPS v2:
+    xswu/HPSv2/HPS_v2_compressed.pt) into a transformers CLIPModel, for --scorer-weights hpsv2=DEST;
+    THUDM/ImageReward/ImageReward.pt (original BLIP layout) into an ImageRewardModel, for
+    --scorer-weights imagereward=DEST. The layout is read off the file's keys. eval score also does this
+    by itself on first use, into a cache folder."""
+    from img_guidance.eval.scorers import convert_scorer_file
     from img_guidance.outputs import check_writable
 
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not overwrite)):
         raise fail(f"{dest} already holds files; pass --overwrite to replace them")
     try:
         check_writable(dest.parent)
-        written = convert_open_clip(read_open_clip_state_dict(hub_file(src)), dest)
+        scorer, written = convert_scorer_file(src, dest)
     except (ValueError, OSError) as err:
         raise fail(str(err)) from err
-    console.print(f"wrote {written}: use it with --scorer-weights hpsv2={written}")
+    console.print(f"wrote {written}: use it with --scorer-weights {scorer}={written}")
 
 
 @eval_app.command("scorers")
@@ -1005,6 +1012,217 @@ def eval_scorers() -> None:
 
     for name, text in SCORERS.items():
         console.print(f"{name}: {text}")
+
+
+study_app = typer.Typer(
+    help="An A/B preference study: people rate pairs of images in the browser; votes kept in SQLite.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(study_app, name="study")
+
+
+@study_app.command("create")
+def study_create(
+    study_dir: Annotated[Path, typer.Argument(help="A new (or empty) folder for the study.")],
+    from_dir: Annotated[
+        Path | None,
+        typer.Option("--from", help="A generate folder: its initial (a) against its calibrated (b) images."),
+    ] = None,
+    a: Annotated[
+        Path | None, typer.Option("--a", help="System a's folder, paired with --b's by prompt and seed.")
+    ] = None,
+    b: Annotated[Path | None, typer.Option("--b", help="System b's folder.")] = None,
+    pairs: Annotated[int | None, typer.Option(min=1, help="Pairs to sample (default: all).")] = None,
+    repeats: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="Check pairs every rater sees twice, sides swapped (default: 3, at most all)."
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(min=0, max=MAX_SEED, help="Seed of the sample and of each rater's order and sides.")
+    ] = 0,
+    question: Annotated[
+        str | None,
+        typer.Option(help='The question raters answer (default: "Which image matches the prompt better?").'),
+    ] = None,
+) -> None:
+    """Make a study: sample pairs of images of the same prompt and seed (the initial against the
+    calibrated images of one generate folder, or two folders' images), copy them into STUDY_DIR and
+    write STUDY_DIR/study.sqlite. Serve it with `img-guidance study serve STUDY_DIR`."""
+    from img_guidance.study.pairs import pairs_from_folders, pairs_from_generate, sample_study
+    from img_guidance.study.store import DEFAULT_QUESTION, create_study
+
+    # 1. Check inputs
+    if from_dir is not None and (a is not None or b is not None):
+        raise fail("give either --from DIR or both --a DIR and --b DIR, not both")
+    if from_dir is None and (a is None or b is None):
+        missing = "--b" if a is not None else "--a" if b is not None else "--from DIR, or --a DIR and --b DIR"
+        raise fail(f"missing {missing}: a study needs the images of two systems")
+    if question is not None and not question.strip():
+        raise fail("--question must not be empty")
+    if (study_dir / "study.sqlite").exists():
+        raise fail(f"{study_dir} is already a study; choose another folder")
+    # 2. Pair, sample, write
+    try:
+        if from_dir is not None:
+            names, found = ("initial", "calibrated"), pairs_from_generate(from_dir, warn=errors.print)
+            sources = {"from": str(from_dir.resolve())}
+        else:
+            names, found = pairs_from_folders(a, b, warn=errors.print)
+            sources = {"a": str(a.resolve()), "b": str(b.resolve())}
+        count = len(found) if pairs is None else pairs
+        checks = min(3, count) if repeats is None else repeats
+        sample, check_indices = sample_study(found, count=pairs, repeats=checks, seed=seed)
+        store = create_study(
+            study_dir,
+            sample,
+            check_indices,
+            names=names,
+            seed=seed,
+            question=question if question is not None else DEFAULT_QUESTION,
+            sources=sources,
+        )
+    except (ValueError, OSError) as err:
+        raise fail(str(err)) from err
+    console.print(
+        f"wrote the study {study_dir}: {store.pair_count} pairs ({store.check_count} shown twice, sides "
+        f"swapped), a = {names[0]}, b = {names[1]}; {store.trials_per_rater} votes per rater. "
+        f"Next: img-guidance study serve {study_dir}"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@study_app.command("serve")
+def study_serve(
+    study_dir: Annotated[Path, typer.Argument(help="A study folder (study create).")],
+    host: Annotated[
+        str, typer.Option(help="Address to bind; any but a loopback address requires invite codes.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8765,
+) -> None:
+    """Serve the rating page and its JSON API: raters enter a name (or an invite code) and vote
+    left / right / tie on each pair. Off the loopback address (--host 0.0.0.0) only invite codes
+    (study invite) are accepted."""
+    import socket
+
+    try:
+        import fastapi  # noqa: F401
+        import jinja2  # noqa: F401
+        import uvicorn
+    except ImportError as err:
+        raise fail(f'the study app needs {err.name}: pip install "img-guidance[study]"') from err
+    from img_guidance.study.app import create_app
+    from img_guidance.study.store import StudyStore
+
+    invites_only = not _is_loopback(host)
+    try:
+        store = StudyStore(study_dir, invites_only=invites_only)
+    except (ValueError, OSError) as err:
+        raise fail(str(err)) from err
+    if invites_only and store.invite_count() == 0:
+        raise fail(
+            f"--host {host} serves beyond this machine, so raters need invite codes, and {study_dir} has "
+            f"none: run img-guidance study invite {study_dir} --count N first"
+        )
+    # 1. Bind first, so a busy port is one clear line and --port 0 can report the port it got
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # a restart after a kill gets the port back
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as err:
+        raise fail(f"cannot listen on {host}:{port}: {err.strerror or err}") from err
+    bound = sock.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    # 2. Serve until Ctrl+C
+    console.print(
+        f"serving {study_dir} at http://{shown}:{bound}/ "
+        f"({'invite codes only' if invites_only else 'this machine only'}; Ctrl+C to stop)"
+    )
+    console.file.flush()
+    server = uvicorn.Server(uvicorn.Config(create_app(store), log_level="warning"))
+    server.run(sockets=[sock])
+
+
+@study_app.command("invite")
+def study_invite(
+    study_dir: Annotated[Path, typer.Argument(help="A study folder (study create).")],
+    count: Annotated[int, typer.Option(min=1, max=100000, help="How many new codes.")],
+) -> None:
+    """Make invite codes, one per rater: printed, stored in the study and written to
+    STUDY_DIR/invites.txt. A study served off the loopback address accepts only these codes."""
+    from img_guidance.study.store import INVITES, StudyStore
+
+    try:
+        codes = StudyStore(study_dir).add_invites(count)
+    except (ValueError, OSError) as err:
+        raise fail(str(err)) from err
+    for code in codes:
+        console.print(code)
+    errors.print(f"{len(codes)} new invite codes, all of them in {study_dir / INVITES}")
+
+
+@study_app.command("results")
+def study_results(
+    study_dir: Annotated[Path, typer.Argument(help="A study folder (study create).")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
+    min_consistency: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Keep raters who answer at least this share of the repeated pairs alike."
+        ),
+    ] = 0.5,
+    resamples: Annotated[int, typer.Option(min=100, help="Bootstrap resamples.")] = 10000,
+) -> None:
+    """The study's numbers: each system's share of the votes and the ties, with 95% intervals
+    (bootstrap over pairs and raters), per-rater consistency on the repeated pairs (and the numbers
+    without the inconsistent raters), Fleiss' kappa; written to STUDY_DIR/results/ (results.json,
+    results.md, preference.png)."""
+    import json
+
+    from img_guidance.study.report import markdown_table, write_results
+    from img_guidance.study.stats import summarize
+    from img_guidance.study.store import StudyStore
+
+    try:
+        store = StudyStore(study_dir)
+        votes = store.votes()
+        if all(v.repeat for v in votes):
+            raise fail(
+                f"{study_dir} has no votes yet: serve it (img-guidance study serve) and let raters vote"
+            )
+        summary = summarize(
+            votes,
+            names=store.names,
+            min_consistency=min_consistency,
+            resamples=resamples,
+            seed=store.meta["seed"],
+        )
+        written = write_results(study_dir, summary, question=store.question)
+    except (ValueError, OSError) as err:
+        raise fail(str(err)) from err
+    if json_output:
+        console.print(json.dumps(summary, indent=2), highlight=False)
+        return
+    console.print(markdown_table(summary))
+    console.print(f"written to {written[0].parent}: {', '.join(p.name for p in written)}")
+    if len(written) < 3:
+        console.print('the chart needs matplotlib: pip install "img-guidance[study]"')
 
 
 if __name__ == "__main__":
