@@ -23,7 +23,8 @@ Systems (every one starts from the same initial images where it re-generates):
 - L_base only / + DPO / + DPO + SPIN (the shipped recipe), and lambda 0.5 and 2 (lambda 0 is L_base
   only, lambda 1 the shipped aligner);
 - the reference never replaced (k past the run's steps; the shipped recipe replaces it after 10
-  consecutive wins); IMG with 1 pass instead of 3; IMG at IP scales 0.5 and 1.0.
+  consecutive wins); IMG with 1 pass instead of 3; IMG at IP scales 0.2, 0.5, 1.0 and 1.5 (less the
+  run's own, chosen on validation by ``train-all``).
 
 Every system is also compared with IMG (1 round) on the same images: the accuracy difference with a
 95% cluster-bootstrap interval (a scene's seeds resampled together) and McNemar's exact test
@@ -33,7 +34,8 @@ another seed and the oracle with their intervals.
 Ablation aligners are trained on first use into ``RUN/ablations/NAME`` with the shipped aligner's
 recipe (its feature caches into ``RUN/ablations/features_*``). Output: a markdown table of accuracy
 per category with 95% Wilson intervals, each system's win/tie/loss against the base per (prompt,
-seed), and ``--json`` with everything.
+seed), the failure kinds of base's and IMG's images per category (``shapes.judge.failure_kinds``),
+and ``--json`` with everything.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OTHER_SEED_OFFSET = 500_000
+IP_SCALES = (0.2, 0.5, 1.0, 1.5)  # the IMG-at-IP-scale ablations: these, less the run's own scale
 
 
 def prompt_set(split: str, per_category: int | None, seed: int) -> list:
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     from img_guidance.guidance.questions import QUESTIONS
     from img_guidance.pipeline import IMGPipeline
     from img_guidance.shapes.grammar import describe
-    from img_guidance.shapes.judge import Report, judge, win_tie_loss
+    from img_guidance.shapes.judge import Report, failure_counts, failure_markdown, judge, win_tie_loss
     from img_guidance.shapes.scoring import report_dict
     from img_guidance.shapes.text_guidance import PROMPT_ONLY
     from img_guidance.shapes.train_generator import oracle_render
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     systems["correct-render tokens (oracle)"] = batched(from_renders, prompts, seeds, specs)
     if not args.skip_ablations:
         systems["IMG, 1 pass"] = img(shipped, detector, passes=1)[0]
-        for scale in (0.5, 1.0):
+        for scale in IP_SCALES:
             if scale != backend.defaults.ip_scale:
                 systems[f"IMG at IP scale {scale}"] = img(shipped, detector, ip_scale=scale)[0]
         recipe = json.loads((run / "train_all.json").read_text())["recipe"]
@@ -296,6 +299,12 @@ def main(argv: list[str] | None = None) -> dict:
             f"{paired.only_a} / {paired.only_b} | {paired.p_value:.3g}{mark} |"
         )
         results[name]["vs_img"] = paired.to_dict()
+    for name in ("base", reference):
+        print()
+        print(f"### Why {name}'s images are wrong (share of each category's images; one may show several)")
+        print()
+        print(failure_markdown(verdicts[name]))
+        results[name]["failures"] = {c: dict(n) for c, n in failure_counts(verdicts[name]).items()}
     seconds = time.perf_counter() - start
     print()
     print(

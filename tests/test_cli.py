@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 
 import torch
 from typer.testing import CliRunner
@@ -75,7 +76,15 @@ def test_demo_runs_img_on_shapesworld_with_the_shipped_models(tmp_path):
     outcomes = data["img_vs_initial"]
     assert outcomes["wins"] + outcomes["ties"] + outcomes["losses"] == 16
     assert outcomes["wins"] == sum(r["img"] == "win" for r in rows)
-    assert set(data["models"]) == {"backend", "guidance", "aligner"} and data["ip_scale"] == 0.2
+    # the IP scale the shipped run chose on validation
+    from img_guidance.shapes.train_all import WEIGHTS
+
+    chosen = json.loads((WEIGHTS / "generator" / "ip_scale.json").read_text())["ip_scale"]
+    assert set(data["models"]) == {"backend", "guidance", "aligner"} and data["ip_scale"] == chosen
+    # a wrong image says why, a right one has no failure kind
+    for r in rows:
+        for side in ("initial", "calibrated"):
+            assert (r[side]["failures"] == []) == (r[side]["correct"] is True), r[side]
     # the detector's greedy answer about each initial image, to the question IMG asked of it
     assert all(isinstance(r["detector_answer"], str) for r in rows)
     assert any(r["detector_answer"] for r in rows)
@@ -104,7 +113,7 @@ def test_demo_grid_wraps_the_detector_answer_beside_the_images():
     }
     rows = [{**row, "detector_answer": "remove the red circle"}, {**row, "detector_answer": "blue " * 300}]
     grid = demo_grid(rows).convert("L")
-    label, cell, step = 360, 128, 128 + 14 + 8  # text column, enlarged image, row height
+    label, cell, step = 360, 128, 128 + 26 + 8  # text column, enlarged image, row height (2 caption lines)
     assert grid.size == (label + 2 * (cell + 8), 24 + 2 * step)
     assert grid.getpixel((label + 1, 24 + 1)) < 255  # the initial image, right of the text
 
@@ -113,7 +122,14 @@ def test_demo_grid_wraps_the_detector_answer_beside_the_images():
 
     short, long = ink(24, 24 + step), ink(24 + step, 24 + 2 * step)
     assert 0 < short < long  # the long answer wraps onto more lines ...
-    assert ink(24 + step + cell + 14, 24 + 2 * step) == 0  # ... and is cut before the next row
+    assert ink(24 + step + cell + 26, 24 + 2 * step) == 0  # ... and is cut before the next row
+
+    # a wrong image says why under it (its failure kinds); a right one has one caption line
+    wrong = {"correct": False, "score": 0.5, "failures": ["wrong colour", "extra object"]}
+    grid = demo_grid([{**rows[0], "calibrated": wrong}]).convert("L")
+    second_line = [(x, 24 + cell + 1 + 12, x + cell, 24 + cell + 1 + 24) for x in (label, label + cell + 8)]
+    initial_why, calibrated_why = ((np.asarray(grid.crop(box)) < 200).sum() for box in second_line)
+    assert initial_why == 0 and calibrated_why > 0
 
 
 def test_the_shipped_models_are_what_train_all_makes():
@@ -121,12 +137,22 @@ def test_the_shipped_models_are_what_train_all_makes():
 
     report = json.loads((WEIGHTS / "train_all.json").read_text())
     recipe = json.loads(json.dumps(dataclasses.asdict(ShapesRecipe())))
-    # recipe fields added after the shipped run, at defaults that do what that run did
-    added_since = {"pair_generations": 2, "generator_method": "two-stage"}
-    assert {k: recipe[k] for k in added_since} == added_since and not set(added_since) & set(report["recipe"])
-    assert report["recipe"] == {k: v for k, v in recipe.items() if k not in added_since}
-    assert list(report["stages"]) == ["generator", "detector", "pairs", "features", "aligner"]
+    assert report["recipe"] == recipe
+    assert list(report["stages"]) == ["generator", "detector", "pairs", "features", "aligner", "ip_scale"]
     assert report["total_seconds"] < 90 * 60
+    # the IP scale the backend uses is the one the run chose on validation
+    chosen = json.loads((WEIGHTS / "generator" / "ip_scale.json").read_text())
+    assert chosen["ip_scale"] == report["stages"]["ip_scale"]["result"]["ip_scale"]
+
+    def strings(value):
+        if isinstance(value, dict):
+            yield from (s for v in value.values() for s in strings(v))
+        elif isinstance(value, list):
+            yield from (s for v in value for s in strings(v))
+        elif isinstance(value, str):
+            yield value
+
+    assert not [s for s in strings(report) if os.path.isabs(s)]  # no path of the training machine
 
 
 def test_version_and_help():

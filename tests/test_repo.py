@@ -52,12 +52,38 @@ def test_import_is_cheap():
     assert out.split()[0] == "False"
 
 
-def test_readme_python_examples_run(tmp_path, monkeypatch):
-    """Every ```python block of the README runs as written (in a scratch folder), except those that
-    say in their first line that they download the real models."""
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    blocks = [b for b in blocks if not b.startswith("# Downloads")]
-    assert blocks
+def test_readme_and_docs_python_examples_run(tmp_path, monkeypatch):
+    """Every ```python block of the README and of docs/*.md runs as written (in a scratch folder),
+    except those that say in their first line that they download the real models."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    blocks = [(page, b) for page in pages for b in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)]
+    blocks = [(page, b) for page, b in blocks if not b.startswith("# Downloads")]
+    assert {page.name for page, _ in blocks} >= {"README.md", "usage.md"}
     monkeypatch.chdir(tmp_path)
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+    for page, block in blocks:
+        exec(compile(block, str(page.relative_to(ROOT)), "exec"), {"__name__": "readme"})
+
+
+def test_links_between_the_readme_and_docs_resolve():
+    """Every relative link of the README and docs/*.md names a file that exists, and a #fragment names
+    a heading of it."""
+
+    def anchors(page: Path) -> set[str]:
+        headings = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+        return {re.sub(r"[^a-z0-9 _-]", "", h.lower()).replace(" ", "-") for h in headings}
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            path, _, fragment = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists() or (fragment and file.suffix == ".md" and fragment not in anchors(file)):
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
+
+
+def test_the_readme_stays_short():
+    assert len((ROOT / "README.md").read_text().encode()) < 14_000, "move detail into docs/"

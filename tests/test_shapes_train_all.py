@@ -51,12 +51,61 @@ def test_every_stage_runs_and_records_its_time(run):
     aligner = load_aligner(run / "aligner")
     assert (aligner.config.guidance_dim, aligner.config.image_dim) == (64, 64)
     assert report["stages"]["features"]["result"]["samples"] == len(pairs)
+    # the report ships with the models: no path of this machine in it
+    assert report["stages"]["generator"]["result"]["folder"] == "generator"
+    assert str(run) not in json.dumps(report) and str(run.resolve()) not in json.dumps(report)
     # a rerun skips every finished stage; other settings in the same folder are refused
     lines = []
     train_all(run, recipe=ShapesRecipe.quick(), log=lines.append)
     assert all("skipped" in line for line in lines)
     with pytest.raises(ValueError, match="other settings"):
         train_all(run, recipe=ShapesRecipe.quick(seed=1), log=lambda line: None)
+
+
+def test_the_ip_scale_is_chosen_on_validation_and_the_backend_takes_it(run, tmp_path, monkeypatch):
+    import shutil
+
+    from img_guidance.backends.shapes import ShapesBackend
+    from img_guidance.shapes.grammar import parse
+    from img_guidance.shapes.render import render
+    from img_guidance.shapes.train_all import choose_ip_scale
+
+    # in the run, every scale drew alike (the stand-in generator ignores tokens): the smaller wins
+    chosen = json.loads((run / "generator" / "ip_scale.json").read_text())
+    assert chosen["ip_scale"] == 0.5 and chosen["split"] == "validation" and chosen["scenes"] == 4
+    assert chosen["chosen_by"] == "IMG (1 round)"
+    assert list(chosen["rows"]) == [
+        "base",
+        "IMG, IP 0.5",
+        "oracle tokens, IP 0.5",
+        "IMG, IP 1",
+        "oracle tokens, IP 1",
+    ]
+    assert ShapesBackend.from_pretrained(run / "generator").defaults.ip_scale == 0.5
+
+    def right_at_one(self, prompts, seeds, *, image_tokens=None, ip_scale=0.2, **kwargs):
+        # the prompt drawn right only from tokens at IP scale 1 (IMG's re-generation or the oracle's)
+        steered = image_tokens is not None and ip_scale == 1.0
+        return [
+            render(parse(p) if steered else parse("a red circle"), seed=s)
+            for p, s in zip(prompts, seeds, strict=True)
+        ]
+
+    folder = tmp_path / "run"
+    for name in ("generator", "detector", "aligner"):
+        shutil.copytree(run / name, folder / name)
+    monkeypatch.setattr(ShapesBackend, "generate", right_at_one)
+    result = choose_ip_scale(folder, (0.5, 1.0, 1.5), scenes=6, log=lambda line: None)
+    assert result["ip_scale"] == 1.0 and result["rows"]["IMG, IP 1"]["accuracy"] == 1.0
+    assert result["rows"]["oracle tokens, IP 1"]["accuracy"] == 1.0
+    assert result["rows"]["IMG, IP 1.5"]["accuracy"] < 1.0
+    folder = folder / "generator"
+    assert ShapesBackend.from_pretrained(folder).defaults.ip_scale == 1.0
+    with pytest.raises(ValueError, match="ip_scales must be one or more scales > 0"):
+        choose_ip_scale(folder.parent, (0.0, 1.0), log=lambda line: None)
+    (folder / "ip_scale.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"ip_scale.json is not an IP-scale choice"):
+        ShapesBackend.from_pretrained(folder)
 
 
 def test_the_models_run_as_an_img_pipeline_and_the_judge_scores_generate(run, tmp_path):
@@ -126,10 +175,11 @@ def test_the_benchmark_runs_every_system_on_a_finished_run(run, tmp_path, capsys
     out = module.main([*args, "--json", str(tmp_path / "eval.json"), "--chart", str(tmp_path / "eval.png")])
     systems = out["systems"]
     assert {"base", "IMG (2 rounds)", "correct-render tokens (oracle)", "lambda 2"} <= set(systems)
-    assert {"IMG, 1 pass", "IMG at IP scale 0.5", "IMG at IP scale 1.0", "reference never replaced"} <= set(
-        systems
-    )
-    assert len(systems) == 16
+    chosen = out["ip_scale"]  # the run's own, chosen on validation by train-all
+    assert chosen in (0.5, 1.0)
+    scales = {f"IMG at IP scale {s}" for s in module.IP_SCALES if s != chosen}
+    assert {"IMG, 1 pass", "reference never replaced", *scales} <= set(systems)
+    assert len(scales) == 3 and len(systems) == 17
     # every system is paired against IMG (1 round) on the same images
     paired = systems["base"]["vs_img"]
     assert (
@@ -153,7 +203,12 @@ def test_the_benchmark_runs_every_system_on_a_finished_run(run, tmp_path, capsys
     }
     table = capsys.readouterr().out
     assert table.startswith("## ShapesWorld")  # the ablations' training logs go to stderr
-    assert table.count("\n| ") == 17 + 16 and "correct-render tokens (oracle)" in table  # two tables
+    # two tables of systems, then two of failure kinds (a header and six categories each)
+    assert table.count("\n| ") == 18 + 17 + 2 * 7 and "correct-render tokens (oracle)" in table
+    assert "### Why base's images are wrong" in table
+    failures = systems["base"]["failures"]
+    assert list(failures) == ["single_object", "counting", "two_object", "colors", "color_attr", "position"]
+    assert all(f["images"] == 2 for f in failures.values())
     assert json.loads((tmp_path / "eval.json").read_text())["systems"] == systems
 
 

@@ -9,8 +9,8 @@ image encoder and the projection once per image, never during denoising.
 
 Everything runs on a CPU in seconds: 32 x 32 images, 20 DDIM steps, classifier-free guidance 1.5 (the
 best of 1.5, 2.5 and 4 for this small model: more guidance adds stray objects); IMG's re-generation
-defaults to IP scale 0.2 (``defaults.ip_scale``, the paper's value and the best of 0.2, 0.5 and 1 on
-the validation split; the adapter was trained at 1).
+defaults to the IP scale chosen for the model on the validation split (``ip_scale.json`` in its folder,
+written by ``shapes train-all``; ``defaults.ip_scale``), else to 0.2 (the paper's value).
 """
 
 from __future__ import annotations
@@ -76,11 +76,24 @@ class ShapesBackend(DiffusionBackend):
         defaults: GenerationDefaults | None = None,
     ) -> ShapesBackend:
         """Load a ShapesWorld model folder (``model_index.json`` with ``_class_name``
-        "ShapesWorldPipeline"), in ``torch_dtype`` (default float32) on ``device`` (default CPU)."""
+        "ShapesWorldPipeline"), in ``torch_dtype`` (default float32) on ``device`` (default CPU).
+        Without ``defaults``, the IP scale is the one in the folder's ``ip_scale.json`` if it has one."""
+        import json
+        from dataclasses import replace
+        from pathlib import Path
+
         from img_guidance.shapes.models import ShapesWorldPipeline
 
         pipe = ShapesWorldPipeline.from_pretrained(folder)
         pipe.to(device=device, dtype=torch_dtype)
+        chosen = Path(folder) / "ip_scale.json"
+        if defaults is None and chosen.is_file():
+            try:
+                scale = float(json.loads(chosen.read_text())["ip_scale"])
+            except (ValueError, KeyError, TypeError) as error:
+                message = f"{chosen} is not an IP-scale choice ({error!r}); delete it or retrain"
+                raise ValueError(message) from None
+            defaults = replace(_defaults(), ip_scale=scale)
         return cls(pipe=pipe, defaults=defaults, source=os.fspath(folder))
 
     # ---------------------------------------------------------------- properties

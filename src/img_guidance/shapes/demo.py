@@ -4,10 +4,11 @@ The shipped generator makes an image per prompt; the shipped detector (the world
 finetuned by the detector recipe) reads it with a question; the shipped aligner edits the image's
 IP tokens; the generator re-generates with the same seed. The judge reads both images. Writes
 ``OUT/demo.png`` (a row per prompt: the question asked and the detector's greedy answer to it about
-the initial image | initial | calibrated, 4x enlarged, with the judge's verdicts) and
-``OUT/demo.json`` (per prompt: the question asked, the detector's answer, the verdicts, IMG's
-outcome; totals). IMG reads the detector's hidden states, not its answer: the answer shows what
-the detector made of the image.
+the initial image | initial | calibrated, 4x enlarged, with the judge's verdicts and, for a wrong
+image, its failure kinds: missing object, wrong colour, ...) and ``OUT/demo.json`` (per prompt: the
+question asked, the detector's answer, the verdicts with their failure kinds, IMG's outcome;
+totals). IMG reads the detector's hidden states, not its answer: the answer shows what the detector
+made of the image.
 The prompts are fixed, one or two per category, not picked for the result.
 """
 
@@ -53,11 +54,11 @@ def _wrap(draw, text: str, width: int) -> list[str]:
 def demo_grid(rows: Sequence[dict[str, Any]]):
     """A PIL image: per row the prompt and seed, the question asked and the detector's answer
     (wrapped), then the initial and the calibrated image enlarged, each with the judge's verdict
-    under it."""
+    under it and, for a wrong image, why (its failure kinds)."""
     from PIL import Image, ImageDraw
 
     cell = rows[0]["initial_image"].width * SCALE
-    label_width, caption, gap = 360, 14, 8
+    label_width, caption, gap = 360, 2 * LINE + 2, 8
     height = len(rows) * (cell + caption + gap) + 24
     canvas = Image.new("RGB", (label_width + 2 * (cell + gap), height), "white")
     draw = ImageDraw.Draw(canvas)
@@ -83,6 +84,10 @@ def demo_grid(rows: Sequence[dict[str, Any]]):
             correct = row[key]["correct"]
             colour = {True: (0, 130, 0), False: (190, 0, 0), None: (120, 120, 120)}[correct]
             draw.text((x, y + cell + 1), f"{_mark(correct)} ({row[key]['score']:.2f})", fill=colour)
+            why = ", ".join(row[key].get("failures", ())) if correct is False else ""
+            if why and draw.textlength(why) > cell + gap:
+                why = why.replace("object", "obj.").replace("relation", "rel.")
+            draw.text((x, y + cell + 1 + LINE), why, fill=colour)
         y += cell + caption + gap
     return canvas
 

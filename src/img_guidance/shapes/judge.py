@@ -424,6 +424,92 @@ def _consensus(values: Iterable[bool]) -> bool | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# failure kinds
+
+FAILURE_KINDS = (
+    "missing object",
+    "wrong colour",
+    "wrong shape",
+    "wrong count",
+    "swapped relation",
+    "wrong relation",
+    "extra object",
+    "other",
+    "undecidable",
+    "unreadable",
+)
+
+
+def failure_kinds(verdict: Verdict) -> tuple[str, ...]:
+    """Why an image is not right, as kinds of :data:`FAILURE_KINDS` (empty for a right image), read
+    from its decided objects against the prompt's groups:
+
+    - a group with none of its objects: "wrong colour" when an object of no group has the group's
+      shape, else "wrong shape" when one has its colour (that object is then accounted for), else
+      "missing object";
+    - a group with some but not all (or too many) of its objects: "wrong count";
+    - a relation that fails between present objects: "swapped relation" when every pair lies the
+      other way round (the inverse relation's direction), else "wrong relation";
+    - each object of no group not accounted for above: one "extra object" (counted once per image);
+    - "other" when the image is wrong for none of these reasons (an undecided object that can be
+      nothing the prompt asks for); "undecidable" / "unreadable" when the judge could not decide.
+    """
+    if not verdict.readable:
+        return ("unreadable",)
+    if verdict.correct is None:
+        return ("undecidable",)
+    if verdict.correct:
+        return ()
+    spec, kinds = verdict.spec, []
+    decided = [o for o in verdict.objects if o.decided]
+    members = [[o for o in decided if (o.shape, o.colour) == (g.shape, g.colour)] for g in spec.objects]
+    strays = [o for o in decided if all(o not in found for found in members)]
+    for group, found in zip(spec.objects, members, strict=True):
+        if found:
+            if len(found) != group.count:
+                kinds.append("wrong count")
+            continue
+        for kind, same in (("wrong colour", "shape"), ("wrong shape", "colour")):
+            match = next((o for o in strays if getattr(o, same) == getattr(group, same)), None)
+            if match is not None:
+                strays.remove(match)
+                kinds.append(kind)
+                break
+        else:
+            kinds.append("missing object")
+    if spec.relation is not None and all(members) and verdict.checks.get(_check_names(spec)[-2]) is False:
+        pairs = [(a, b) for a in members[0] for b in members[1]]
+        inverse = [relation_offsets(b.cx - a.cx, b.cy - a.cy, spec.relation) for a, b in pairs]
+        swapped = all(along < 0 and -along > abs(across) for along, across in inverse)
+        kinds.append("swapped relation" if swapped else "wrong relation")
+    if strays:
+        kinds.append("extra object")
+    return tuple(dict.fromkeys(kinds)) or ("other",)
+
+
+def failure_counts(verdicts: Iterable[Verdict]) -> dict[str, Counter]:
+    """Per category (in ``CATEGORIES`` order, those present): how many images show each failure
+    kind (an image may show several), with ``"images"`` the category's number of images."""
+    counts: dict[str, Counter] = {}
+    for v in verdicts:
+        counts.setdefault(v.category, Counter())["images"] += 1
+        counts[v.category].update(failure_kinds(v))
+    return {c: counts[c] for c in CATEGORIES if c in counts}
+
+
+def failure_markdown(verdicts: Iterable[Verdict]) -> str:
+    """A markdown table: per category, the share of its images that show each failure kind (kinds
+    no image shows are left out)."""
+    counts = failure_counts(verdicts)
+    kinds = [k for k in FAILURE_KINDS if any(c[k] for c in counts.values())]
+    lines = ["| category | images | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+    for name, c in counts.items():
+        cells = [f"{c[k] / c['images']:.2f}" if c[k] else "" for k in kinds]
+        lines.append(f"| {name} | {c['images']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # aggregation
 
 

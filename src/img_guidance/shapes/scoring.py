@@ -26,10 +26,14 @@ JUDGE_FILE = "judge.json"
 
 
 def verdict_dict(verdict: Verdict) -> dict[str, Any]:
-    """A verdict as JSON-ready values."""
+    """A verdict as JSON-ready values, with its failure kinds
+    (:func:`~img_guidance.shapes.judge.failure_kinds`)."""
+    from img_guidance.shapes.judge import failure_kinds
+
     return {
         "correct": verdict.correct,
         "score": verdict.score,
+        "failures": list(failure_kinds(verdict)),
         "checks": verdict.checks,
         "objects": [
             {"shape": o.shape, "colour": o.colour, "x": round(o.cx, 2), "y": round(o.cy, 2), "area": o.area}

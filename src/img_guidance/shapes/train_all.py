@@ -15,6 +15,9 @@
    with the generator's image tokens and the detector's guidance -> ``OUT/features``.
 5. ``aligner``: the aligner recipe (:func:`~img_guidance.recipes.train_aligner.train`) on that cache
    -> ``OUT/aligner``.
+6. ``ip_scale``: the IP scale of IMG's re-generation, chosen on the validation split by
+   :func:`choose_ip_scale` (the scale at which IMG gets the most images fully right) and written to
+   ``OUT/generator/ip_scale.json``, where the backend finds it.
 
 ``OUT/train_all.json`` records each stage's seconds and results. ``install`` copies the three
 models into the package (``img_guidance/shapes/weights``), where the demo and the ``shapes``
@@ -36,7 +39,8 @@ from typing import Any
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 MODELS = ("generator", "detector", "aligner")
-STAGES = ("generator", "detector", "pairs", "features", "aligner")
+STAGES = ("generator", "detector", "pairs", "features", "aligner", "ip_scale")
+IP_SCALE_FILE = "ip_scale.json"  # in a generator folder: the IP scale chosen on validation
 PAIR_SEED_OFFSET = 1_000_000  # pair generations use seeds no benchmark uses
 
 
@@ -46,13 +50,17 @@ class ShapesRecipe:
 
     seed: int = 0
     # generator (stage 1)
-    generator_steps_base: int = 3000
+    generator_steps_base: int = 5000
     generator_steps_encoder: int = 1000
     generator_steps_adapter: int = 1000
     generator_batch: int = 32
-    # "two-stage" (the shipped run) or "joint": a spatial adapter trained with the model from step 1
-    # for generator_steps_base steps (generator_steps_adapter then unused); see train_generator
-    generator_method: str = "two-stage"
+    # "joint" (the shipped run): a spatial adapter trained with the model from step 1 for
+    # generator_steps_base steps (generator_steps_adapter then unused); or "two-stage": a global
+    # adapter on a frozen base (the models shipped before 2026-12-05); see train_generator
+    generator_method: str = "joint"
+    # ip_scale (stage 6): candidates, and how many validation scenes choose among them (None: all)
+    ip_scales: tuple[float, ...] = (0.2, 0.5, 1.0, 1.5)
+    ip_scale_scenes: int | None = None
     # detector (stage 2)
     triplets: int = 12000
     detector_hidden: int = 96
@@ -63,7 +71,7 @@ class ShapesRecipe:
     detector_val_rows: int = 200
     # pairs (stage 3)
     pair_prompts: int = 2000
-    pair_generations: int = 2  # best vs worst of this many (2: the shipped run's seeds)
+    pair_generations: int = 4  # best vs worst of this many
     # aligner (stage 5)
     aligner_depth: int = 2
     aligner_heads: int = 4
@@ -91,6 +99,8 @@ class ShapesRecipe:
             detector_steps=3,
             detector_batch=4,
             detector_val_rows=8,
+            ip_scales=(0.5, 1.0),
+            ip_scale_scenes=4,
             pair_prompts=24,
             pair_generations=2,
             aligner_steps=6,
@@ -151,6 +161,95 @@ def stage_generator(out: Path, recipe: ShapesRecipe, log: Callable[[str], None])
         batch_size=recipe.generator_batch,
         method=recipe.generator_method,
         log=log,
+    )
+
+
+def choose_ip_scale(
+    out: str | os.PathLike,
+    scales: tuple[float, ...],
+    *,
+    seed: int = 0,
+    scenes: int | None = None,
+    batch_size: int = 64,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Choose the IP scale of IMG's re-generation on the validation split, with the models of the
+    train-all folder ``out``: for each of ``scales``, IMG (1 round, 3 passes) on every validation
+    scene (seed i for scene i, from the same initial images), judged; the scale at which IMG gets the
+    most images fully right wins (ties: the smaller scale). Also recorded, not used for the choice:
+    the base model, and re-generation from the tokens of a correct render in another layout
+    (:func:`~img_guidance.shapes.train_generator.oracle_render`) at each scale. Writes
+    ``out/generator/ip_scale.json`` (the choice and every accuracy) atomically; returns its content."""
+    import torch
+
+    from img_guidance.aligner import load_aligner
+    from img_guidance.backends.shapes import ShapesBackend
+    from img_guidance.guidance import load_guidance
+    from img_guidance.pipeline import IMGPipeline
+    from img_guidance.shapes.grammar import describe
+    from img_guidance.shapes.judge import judge_many
+    from img_guidance.shapes.train_generator import oracle_render, split_scenes
+
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"ip_scales must be one or more scales > 0, got {list(scales)}")
+    out = Path(out)
+    folder = out / "generator"
+    (folder / IP_SCALE_FILE).unlink(missing_ok=True)  # the backend must not read a stale choice
+    backend = ShapesBackend.from_pretrained(folder)
+    pipe = IMGPipeline(
+        backend=backend, guidance=load_guidance(out / "detector"), aligner=load_aligner(out / "aligner")
+    )
+    chosen = split_scenes(seed)["validation"][:scenes]
+    prompts, seeds = [describe(s) for s in chosen], list(range(len(chosen)))
+    oracle = backend.encode_image([oracle_render(s, k) for s, k in zip(chosen, seeds, strict=True)])
+
+    def batched(make) -> list:
+        images = []
+        for i in range(0, len(chosen), batch_size):
+            with torch.no_grad():
+                images += make(slice(i, i + batch_size))
+        return images
+
+    initial = batched(lambda part: backend.generate(prompts[part], seeds[part]))
+    rows: dict[str, dict[str, Any]] = {}
+
+    def record(name: str, scale: float, images: list) -> None:
+        report = judge_many(images, chosen)
+        rows[name] = {
+            "ip_scale": scale,
+            "accuracy": report.overall.accuracy,
+            "category_mean": report.category_mean,
+            "per_category": {c: s.accuracy for c, s in report.per_category.items()},
+        }
+        log(f"ip_scale: {name}: {report.overall.accuracy:.3f} of {len(chosen)} validation images right")
+
+    record("base", 0.0, initial)
+    for scale in scales:
+        img = batched(
+            lambda part, scale=scale: (
+                pipe(prompts[part], seeds[part], ip_scale=scale, initial_images=initial[part]).calibrated
+            )
+        )
+        record(f"IMG, IP {scale:g}", scale, img)
+        oracle_images = batched(
+            lambda part, scale=scale: backend.generate(
+                prompts[part], seeds[part], image_tokens=oracle[part], ip_scale=scale
+            )
+        )
+        record(f"oracle tokens, IP {scale:g}", scale, oracle_images)
+    best = max(scales, key=lambda s: (rows[f"IMG, IP {s:g}"]["accuracy"], -s))
+    result = {"ip_scale": best, "chosen_by": "IMG (1 round)", "split": "validation", "scenes": len(chosen)}
+    result["rows"] = rows
+    tmp = folder / f".{IP_SCALE_FILE}.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, folder / IP_SCALE_FILE)
+    log(f"ip_scale: chose {best:g} on validation")
+    return result
+
+
+def stage_ip_scale(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -> dict[str, Any]:
+    return choose_ip_scale(
+        out, tuple(recipe.ip_scales), seed=recipe.seed, scenes=recipe.ip_scale_scenes, log=log
     )
 
 
@@ -301,6 +400,7 @@ def train_aligner_on(
 
 STAGE_FUNCTIONS = {
     "generator": stage_generator,
+    "ip_scale": stage_ip_scale,
     "detector": stage_detector,
     "pairs": stage_pairs,
     "features": stage_features,
@@ -337,13 +437,28 @@ def train_all(
         start = time.perf_counter()
         result = STAGE_FUNCTIONS[name](out, recipe, log)
         seconds = time.perf_counter() - start
-        report["stages"][name] = {"seconds": seconds, "result": json.loads(json.dumps(result, default=str))}
+        result = _relative(json.loads(json.dumps(result, default=str)), out)
+        report["stages"][name] = {"seconds": seconds, "result": result}
         report["total_seconds"] = sum(s["seconds"] for s in report["stages"].values())
         tmp = report_path.with_name(f".{report_path.name}.tmp")
         tmp.write_text(json.dumps(report, indent=2) + "\n")
         os.replace(tmp, report_path)
         log(f"[{name}] done in {seconds:.0f} s")
     return report
+
+
+def _relative(value: Any, out: Path) -> Any:
+    """``value`` (JSON data) with every path inside ``out`` written relative to it: the report, which
+    ships with the models, holds no path of the machine that trained them."""
+    if isinstance(value, dict):
+        return {k: _relative(v, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative(v, out) for v in value]
+    if isinstance(value, str):
+        for root in {str(out), str(out.resolve())}:
+            if value == root or value.startswith(root + os.sep):
+                return os.path.relpath(value, root)
+    return value
 
 
 def install(out: str | os.PathLike, dest: str | os.PathLike = WEIGHTS) -> Path:
@@ -356,5 +471,8 @@ def install(out: str | os.PathLike, dest: str | os.PathLike = WEIGHTS) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in MODELS:
         _publish(out / name, dest / name)
-    shutil.copy2(out / "train_all.json", dest / "train_all.json")
+    report = _relative(json.loads((out / "train_all.json").read_text()), out)
+    tmp = dest / ".train_all.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, dest / "train_all.json")
     return dest

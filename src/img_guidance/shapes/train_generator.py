@@ -4,9 +4,10 @@ Two methods, seeded and deterministic on the CPU (:func:`train_generator`). "joi
 (:func:`train_joint`): a spatial adapter (one token per cell of the image encoder's 4 x 4 map) and
 coordinate channels; after the encoder's pretraining (2a below), everything trains together from
 step 1 on plain v-MSE, each row text only, text + image, image only or neither; the image a row
-encodes is its own target, jittered and degraded. It exists because the two-stage method's adapter
-does not steer (docs/shapes-adapter.md); it is not yet the shipped models' method. "two-stage", the
-shipped models' method, in two flat stages:
+encodes is its own target, jittered and degraded. It is the shipped models' method (through
+``shapes train-all``, 5000 steps), because the two-stage method's adapter does not steer
+(docs/shapes-adapter.md). "two-stage", the method of the models shipped before 2026-12-05, in two
+flat stages:
 
 1. **Base generator.** The text encoder and the UNet learn v-prediction (cosine schedule, Min-SNR-5
    weighting) on fresh renders of scenes drawn from the training split, a category uniformly and then
