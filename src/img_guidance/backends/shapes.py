@@ -82,11 +82,11 @@ class ShapesBackend(DiffusionBackend):
         from dataclasses import replace
         from pathlib import Path
 
-        from img_guidance.shapes.models import ShapesWorldPipeline
+        from img_guidance.shapes.models import IP_SCALE_FILE, ShapesWorldPipeline
 
         pipe = ShapesWorldPipeline.from_pretrained(folder)
         pipe.to(device=device, dtype=torch_dtype)
-        chosen = Path(folder) / "ip_scale.json"
+        chosen = Path(folder) / IP_SCALE_FILE
         if defaults is None and chosen.is_file():
             try:
                 scale = float(json.loads(chosen.read_text())["ip_scale"])

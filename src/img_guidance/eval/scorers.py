@@ -202,6 +202,22 @@ class ClipScorer(Scorer):
         return {"name": self.name, "model": self.model_id, "processor": self.processor_id}
 
 
+def _load_tokenizer(name: str, tokenizer_id: str):
+    """The scorer ``name``'s tokenizer from a folder or hub id; a missing one is a FileNotFoundError
+    that names the scorer and says whether the hub was reachable."""
+    from transformers import AutoTokenizer
+
+    from img_guidance.hub import missing_message, pretrained_location
+
+    try:
+        where, sub = pretrained_location(tokenizer_id)
+        return AutoTokenizer.from_pretrained(where, subfolder=sub or "")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{name}: {err}") from None
+    except OSError as err:
+        raise FileNotFoundError(f"{name}: {missing_message(tokenizer_id, 'tokenizer')} ({err})") from None
+
+
 class HPSScorer(ClipScorer):
     """HPS v2 / v2.1: a ``CLIPModel`` converted from open_clip weights (on first use), scored as
     100 x cos with the reference's pad-to-square preprocessing (see the module docstring)."""
@@ -209,23 +225,16 @@ class HPSScorer(ClipScorer):
     def __init__(
         self, name: str, model_id: str, tokenizer_id: str, *, device: str | torch.device, dtype: torch.dtype
     ) -> None:
-        from transformers import AutoTokenizer, CLIPModel
-
-        from img_guidance.hub import pretrained_location
+        from transformers import CLIPModel
 
         self.name = name
         self.model_id, self.processor_id = model_id, tokenizer_id
         try:
             folder = converted_open_clip(model_id)
-            self.model = CLIPModel.from_pretrained(folder, dtype=dtype).to(device)
-            where, sub = pretrained_location(tokenizer_id)
-            self.tokenizer = AutoTokenizer.from_pretrained(where, subfolder=sub or "")
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{name}: {err}") from None
-        except OSError as err:
-            from img_guidance.hub import missing_message
-
-            raise FileNotFoundError(f"{name}: {missing_message(tokenizer_id, 'tokenizer')} ({err})") from None
+        self.model = CLIPModel.from_pretrained(folder, dtype=dtype).to(device)
+        self.tokenizer = _load_tokenizer(name, tokenizer_id)
         self.model.eval()
         self.device = torch.device(device)
         self.dtype = dtype
@@ -282,10 +291,7 @@ class ImageRewardScorer(Scorer):
     def __init__(
         self, name: str, model_id: str, tokenizer_id: str, *, device: str | torch.device, dtype: torch.dtype
     ) -> None:
-        from transformers import AutoTokenizer
-
         from img_guidance.eval.imagereward import ImageRewardModel
-        from img_guidance.hub import pretrained_location
 
         self.name = name
         self.model_id, self.processor_id = model_id, tokenizer_id
@@ -295,15 +301,7 @@ class ImageRewardScorer(Scorer):
         except OSError as err:  # a missing file, or a folder without weights
             raise FileNotFoundError(f"{name}: {err}") from None
         self.model.head.float()  # the reference runs its head on float32 features in any precision
-        try:
-            where, sub = pretrained_location(tokenizer_id)
-            self.tokenizer = AutoTokenizer.from_pretrained(where, subfolder=sub or "")
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{name}: {err}") from None
-        except OSError as err:
-            from img_guidance.hub import missing_message
-
-            raise FileNotFoundError(f"{name}: {missing_message(tokenizer_id, 'tokenizer')} ({err})") from None
+        self.tokenizer = _load_tokenizer(name, tokenizer_id)
         # BLIP's tokenizer adds these two to bert-base-uncased (ids 30522, 30523): a prompt that spells
         # one reads it as that token, as the reference does
         self.tokenizer.add_tokens(["[DEC]", "[ENC]"], special_tokens=True)

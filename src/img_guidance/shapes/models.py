@@ -64,6 +64,7 @@ MAX_PROMPT_TOKENS = 12
 SAMPLING_STEPS = 20
 GUIDANCE_SCALE = 1.5  # measured: 24% of validation prompts right at 1.5, 16% at 2.5, 6% at 4
 IP_SCALE = 0.2  # without ip_scale.json (train-all writes one): the paper's value; the two-stage models' best
+IP_SCALE_FILE = "ip_scale.json"  # in a model folder: the IP scale chosen on validation (train-all)
 IP_ADAPTER_FILE = "ip_adapter.safetensors"
 COORDINATE_CHANNELS = 2  # x and y, appended to the UNet's input where its config has 5 channels
 TOKENIZER_FILE = "tokenizer.json"

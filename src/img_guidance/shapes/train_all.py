@@ -37,10 +37,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from img_guidance.outputs import write_json_atomic
+
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 MODELS = ("generator", "detector", "aligner")
 STAGES = ("generator", "detector", "pairs", "features", "aligner", "ip_scale")
-IP_SCALE_FILE = "ip_scale.json"  # in a generator folder: the IP scale chosen on validation
 PAIR_SEED_OFFSET = 1_000_000  # pair generations use seeds no benchmark uses
 
 
@@ -188,6 +189,7 @@ def choose_ip_scale(
     from img_guidance.pipeline import IMGPipeline
     from img_guidance.shapes.grammar import describe
     from img_guidance.shapes.judge import judge_many
+    from img_guidance.shapes.models import IP_SCALE_FILE
     from img_guidance.shapes.train_generator import oracle_render, split_scenes
 
     if not scales or min(scales) <= 0:
@@ -240,9 +242,7 @@ def choose_ip_scale(
     best = max(scales, key=lambda s: (rows[f"IMG, IP {s:g}"]["accuracy"], -s))
     result = {"ip_scale": best, "chosen_by": "IMG (1 round)", "split": "validation", "scenes": len(chosen)}
     result["rows"] = rows
-    tmp = folder / f".{IP_SCALE_FILE}.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, folder / IP_SCALE_FILE)
+    write_json_atomic(folder / IP_SCALE_FILE, result)
     log(f"ip_scale: chose {best:g} on validation")
     return result
 
@@ -440,9 +440,7 @@ def train_all(
         result = _relative(json.loads(json.dumps(result, default=str)), out)
         report["stages"][name] = {"seconds": seconds, "result": result}
         report["total_seconds"] = sum(s["seconds"] for s in report["stages"].values())
-        tmp = report_path.with_name(f".{report_path.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, report_path)
+        write_json_atomic(report_path, report)
         log(f"[{name}] done in {seconds:.0f} s")
     return report
 
@@ -471,8 +469,7 @@ def install(out: str | os.PathLike, dest: str | os.PathLike = WEIGHTS) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in MODELS:
         _publish(out / name, dest / name)
-    report = _relative(json.loads((out / "train_all.json").read_text()), out)
-    tmp = dest / ".train_all.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, dest / "train_all.json")
+    write_json_atomic(
+        dest / "train_all.json", _relative(json.loads((out / "train_all.json").read_text()), out)
+    )
     return dest
