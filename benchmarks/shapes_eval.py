@@ -15,8 +15,11 @@ Systems (every one starts from the same initial images where it re-generates):
 - IMG (1 round, 3 passes) and IMG (2 rounds): the shipped detector + aligner;
 - another seed: re-generation with a different seed, the same compute without guidance;
 - unaligned tokens ("no guidance"): re-generation from the initial image's own IP tokens (0 passes);
-- correct-render tokens (oracle): re-generation from the IP tokens of a correct render of the prompt,
-  which no aligner has at test time: the most that steering through the adapter could give;
+- correct-render tokens (oracle): re-generation from the IP tokens of a correct render of the prompt
+  in a fresh layout, which no aligner has at test time: what steering through the adapter can give;
+- nearest-correct-render tokens (oracle): re-generation from the IP tokens of the render of the
+  initial image with exactly its mistakes fixed (``shapes.correct.nearest_correct_render``): what an
+  aligner that had learnt its training pairs' corrections perfectly would produce;
 - text-embedding guidance: an aligner trained (same recipe, same pairs) on the generator's text
   embedding of the prompt instead of the detector's hidden states;
 - untrained detector: an aligner trained on the hidden states of the detector before finetuning;
@@ -159,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     from img_guidance.eval.stats import compare_paired
     from img_guidance.guidance.questions import QUESTIONS
     from img_guidance.pipeline import IMGPipeline
+    from img_guidance.shapes.correct import nearest_correct_render
     from img_guidance.shapes.grammar import describe
     from img_guidance.shapes.judge import Report, failure_counts, failure_markdown, judge, win_tie_loss
     from img_guidance.shapes.scoring import report_dict
@@ -228,6 +232,15 @@ def main(argv: list[str] | None = None) -> dict:
         return backend.generate(p, s, image_tokens=tokens, ip_scale=backend.defaults.ip_scale)
 
     systems["correct-render tokens (oracle)"] = batched(from_renders, prompts, seeds, specs)
+
+    def from_corrections(p, s, sp, initial):
+        fixed = [nearest_correct_render(im, x) for im, x in zip(initial, sp, strict=True)]
+        tokens = backend.encode_image(fixed)
+        return backend.generate(p, s, image_tokens=tokens, ip_scale=backend.defaults.ip_scale)
+
+    systems["nearest-correct-render tokens (oracle)"] = batched(
+        from_corrections, prompts, seeds, specs, systems["base"]
+    )
     if not args.skip_ablations:
         systems["IMG, 1 pass"] = img(shipped, detector, passes=1)[0]
         for scale in IP_SCALES:

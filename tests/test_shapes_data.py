@@ -10,8 +10,10 @@ from PIL import Image
 from img_guidance.data.pairs import PairStats, iter_pairs
 from img_guidance.data.triplets import iter_triplets
 from img_guidance.shapes.data import (
+    CorrectionCounts,
     PairCounts,
     label_pair,
+    make_correction_pairs,
     make_pairs,
     make_triplets,
     png_bytes,
@@ -112,6 +114,53 @@ def test_pairs_of_a_scene_drawn_alike_are_dropped():
     rows, counts = make_pairs(generate, [parse("a red circle")], generations=2, seeds=(1, 2))
     assert rows == [] and counts == PairCounts(prompts=1, images=2, pairs=0, ties_dropped=1)
     assert generate.calls == [(["a red circle"], [1]), (["a red circle"], [2])]
+
+
+def test_correction_pairs_put_every_wrong_image_against_its_fix(tmp_path):
+    """Scene i draws seeds 100 + 4 * i + k: every draw that is not its scene gives a row whose
+    preferred image is judged right and keeps the wrong image's right objects where they were."""
+    scenes = [parse(p) for p in PAIR_SCENES]
+    draws = {seed: scene for i in range(4) for seed, scene in zip(pair_seeds(i), PAIR_DRAWS[i], strict=True)}
+    generate, done = FakeGenerator(draws), []
+    rows, counts = make_correction_pairs(
+        generate,
+        scenes,
+        generations=4,
+        seeds=pair_seeds,
+        seed=5,
+        batch_size=3,
+        progress=lambda *a: done.append(a),
+    )
+    assert done == [(3, 4), (4, 4)] and len(generate.calls) == 8
+    wrong = [(i, k) for i in range(4) for k in range(4) if PAIR_DRAWS[i][k] != PAIR_SCENES[i]]
+    assert counts.prompts == 4 and counts.images == 16
+    assert counts.pairs == len(rows) == len(wrong) and counts.right == 16 - len(wrong)
+    assert [r["ranking_id"] for r in rows] == [i for i, _ in wrong]
+    assert {(r["label_0"], r["label_1"]) for r in rows} == {(1.0, 0.0), (0.0, 1.0)}  # both sides occur
+    again, again_counts = make_correction_pairs(
+        FakeGenerator(draws), scenes, generations=4, seeds=pair_seeds, seed=5
+    )
+    assert again == rows and again_counts == counts
+    other, _ = make_correction_pairs(FakeGenerator(draws), scenes, generations=4, seeds=pair_seeds, seed=6)
+    assert [(r["label_0"], r["jpg_0"]) for r in other] != [(r["label_0"], r["jpg_0"]) for r in rows]
+    # read back by the real reader: the unpreferred image is the generation, the preferred one right
+    pairs = list(iter_pairs(write_pairs(tmp_path / "pairs.parquet", rows)))
+    for pair, (i, k) in zip(pairs, wrong, strict=True):
+        seed = pair_seeds(i)[k]
+        assert png_bytes(pair.unpreferred) == png_bytes(render(parse(draws[seed]), seed=seed))
+        assert judge(pair.preferred, scenes[i]).correct is True
+    # scene 0's generation 1, "a red circle to the left of a blue square": the red circle stays
+    i = wrong.index((0, 0))
+    red = [o for o in judge(pairs[i].unpreferred, scenes[0]).objects if o.colour == "red"]
+    fixed = judge(pairs[i].preferred, scenes[0]).objects
+    assert len(fixed) == 1 and abs(fixed[0].cx - red[0].cx) < 1 and abs(fixed[0].cy - red[0].cy) < 1
+    assert counts.kept_objects >= 1
+
+
+def test_correction_pairs_of_right_images_are_empty():
+    generate = FakeGenerator({1: "a red circle"})
+    rows, counts = make_correction_pairs(generate, [parse("a red circle")], generations=1, seeds=(1,))
+    assert rows == [] and counts == CorrectionCounts(prompts=1, images=1, right=1)
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,19 @@ def test_every_stage_runs_and_records_its_time(run):
         train_all(run, recipe=ShapesRecipe.quick(seed=1), log=lambda line: None)
 
 
+def test_the_pairs_stage_writes_corrections_and_checks_its_method(run):
+    from img_guidance.shapes.judge import judge
+
+    counts = json.loads((run / "train_all.json").read_text())["stages"]["pairs"]["result"]
+    # the stand-in draws the prompt on odd seeds, a near miss on even ones: half the images are wrong
+    assert counts["images"] == 48 and counts["right"] == 24 and counts["pairs"] == 24
+    for pair in iter_pairs(run / "data" / "pairs.parquet"):
+        assert judge(pair.preferred, pair.prompt).correct is True
+        assert judge(pair.unpreferred, pair.prompt).correct is False
+    with pytest.raises(ValueError, match=r"pair_method must be one of .*'correction'.*got 'best'"):
+        ShapesRecipe(pair_method="best")
+
+
 def test_the_ip_scale_is_chosen_on_validation_and_the_backend_takes_it(run, tmp_path, monkeypatch):
     import shutil
 
@@ -78,8 +91,10 @@ def test_the_ip_scale_is_chosen_on_validation_and_the_backend_takes_it(run, tmp_
         "base",
         "IMG, IP 0.5",
         "oracle tokens, IP 0.5",
+        "nearest-correct-render tokens, IP 0.5",
         "IMG, IP 1",
         "oracle tokens, IP 1",
+        "nearest-correct-render tokens, IP 1",
     ]
     assert ShapesBackend.from_pretrained(run / "generator").defaults.ip_scale == 0.5
 
@@ -98,6 +113,7 @@ def test_the_ip_scale_is_chosen_on_validation_and_the_backend_takes_it(run, tmp_
     result = choose_ip_scale(folder, (0.5, 1.0, 1.5), scenes=6, log=lambda line: None)
     assert result["ip_scale"] == 1.0 and result["rows"]["IMG, IP 1"]["accuracy"] == 1.0
     assert result["rows"]["oracle tokens, IP 1"]["accuracy"] == 1.0
+    assert result["rows"]["nearest-correct-render tokens, IP 1"]["accuracy"] == 1.0
     assert result["rows"]["IMG, IP 1.5"]["accuracy"] < 1.0
     folder = folder / "generator"
     assert ShapesBackend.from_pretrained(folder).defaults.ip_scale == 1.0
@@ -175,11 +191,12 @@ def test_the_benchmark_runs_every_system_on_a_finished_run(run, tmp_path, capsys
     out = module.main([*args, "--json", str(tmp_path / "eval.json"), "--chart", str(tmp_path / "eval.png")])
     systems = out["systems"]
     assert {"base", "IMG (2 rounds)", "correct-render tokens (oracle)", "lambda 2"} <= set(systems)
+    assert "nearest-correct-render tokens (oracle)" in systems
     chosen = out["ip_scale"]  # the run's own, chosen on validation by train-all
     assert chosen in (0.5, 1.0)
     scales = {f"IMG at IP scale {s}" for s in module.IP_SCALES if s != chosen}
     assert {"IMG, 1 pass", "reference never replaced", *scales} <= set(systems)
-    assert len(scales) == 3 and len(systems) == 17
+    assert len(scales) == 3 and len(systems) == 18
     # every system is paired against IMG (1 round) on the same images
     paired = systems["base"]["vs_img"]
     assert (
@@ -204,7 +221,7 @@ def test_the_benchmark_runs_every_system_on_a_finished_run(run, tmp_path, capsys
     table = capsys.readouterr().out
     assert table.startswith("## ShapesWorld")  # the ablations' training logs go to stderr
     # two tables of systems, then two of failure kinds (a header and six categories each)
-    assert table.count("\n| ") == 18 + 17 + 2 * 7 and "correct-render tokens (oracle)" in table
+    assert table.count("\n| ") == 19 + 18 + 2 * 7 and "correct-render tokens (oracle)" in table
     assert "### Why base's images are wrong" in table
     failures = systems["base"]["failures"]
     assert list(failures) == ["single_object", "counting", "two_object", "colors", "color_attr", "position"]

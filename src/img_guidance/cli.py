@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from img_guidance.backends.base import MAX_SEED, OFFLOAD_MODES, check_offload
 from img_guidance.precision import DTYPE_NAMES
 
 app = typer.Typer(
@@ -29,7 +30,6 @@ console = Console(soft_wrap=True, markup=False, highlight=False)
 errors = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
 DTYPES = DTYPE_NAMES
-MAX_SEED = 2**63 - 1  # torch generators take any 64-bit seed; metadata and numpy readers take int64
 
 
 def fail(message: str) -> typer.Exit:
@@ -268,7 +268,7 @@ def generate(
             )
         ),
     ] = "auto",
-    offload: Annotated[str, typer.Option(help="none, model or sequential.")] = "none",
+    offload: Annotated[str, typer.Option(help=f"{', '.join(OFFLOAD_MODES)}.")] = "none",
     mllm_quantization: Annotated[
         str | None, typer.Option(help="Load the MLLM in 8bit or 4bit (needs bitsandbytes).")
     ] = None,
@@ -350,8 +350,10 @@ def generate_items(
     from img_guidance.backends import check_request
     from img_guidance.outputs import OutputFolder, SettingsMismatch, check_writable, entry_name
 
-    if offload not in ("none", "model", "sequential"):
-        raise fail(f"--offload must be none, model or sequential, got {offload!r}")
+    try:
+        check_offload(offload)
+    except ValueError as err:
+        raise fail(f"--offload: {err}") from None
     empty = [i for i, item in enumerate(items) if not item.prompt.strip()]
     if empty:
         raise fail(f"prompt {empty[0]} is empty")
@@ -482,14 +484,16 @@ def serve(
     aligner: Annotated[str | None, typer.Option(help="Aligner file, folder, hub id or preset.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16.")] = "auto",
-    offload: Annotated[str, typer.Option(help="none, model or sequential.")] = "none",
+    offload: Annotated[str, typer.Option(help=f"{', '.join(OFFLOAD_MODES)}.")] = "none",
     mllm_quantization: Annotated[str | None, typer.Option(help="8bit or 4bit.")] = None,
     host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps the page local.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 7860,
 ) -> None:
     """Serve a web page: a prompt in, the initial and calibrated images side by side (needs gradio)."""
-    if offload not in ("none", "model", "sequential"):
-        raise fail(f"--offload must be none, model or sequential, got {offload!r}")
+    try:
+        check_offload(offload)
+    except ValueError as err:
+        raise fail(f"--offload: {err}") from None
     try:
         import gradio  # noqa: F401
     except ImportError as err:

@@ -141,14 +141,13 @@ class IMGPipeline:
         dimension mismatch that the presets already reveal is reported before the large models load.
         """
         from img_guidance.aligner import load_aligner
-        from img_guidance.backends import load_backend
+        from img_guidance.backends import check_offload, load_backend
         from img_guidance.guidance import default_mllm, load_guidance
         from img_guidance.guidance.questions import load_questions
         from img_guidance.hub import is_local
         from img_guidance.presets import BACKEND_PRESETS, GUIDANCE_PRESETS
 
-        if offload not in ("none", "model", "sequential"):
-            raise ValueError(f"offload must be 'none', 'model' or 'sequential', got {offload!r}")
+        check_offload(offload)
         if aligner is None:
             if model not in BACKEND_PRESETS or is_local(model):
                 raise ValueError(

@@ -6,7 +6,16 @@ import json
 import os
 from typing import TYPE_CHECKING
 
-from img_guidance.backends.base import DiffusionBackend, GenerationDefaults, OffloadMode
+from img_guidance.backends.base import (
+    OFFLOAD_MODES,
+    SIDE_MULTIPLES,
+    DiffusionBackend,
+    GenerationDefaults,
+    ImageSides,
+    OffloadMode,
+    check_offload,
+    check_prompts,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -15,9 +24,12 @@ if TYPE_CHECKING:
     from img_guidance.backends.sdxl import SDXLImageEncoder
 
 __all__ = [
+    "OFFLOAD_MODES",
     "DiffusionBackend",
     "GenerationDefaults",
+    "ImageSides",
     "OffloadMode",
+    "check_offload",
     "check_request",
     "family_of",
     "image_encoder_locations",
@@ -58,10 +70,6 @@ def family_of(model: str | os.PathLike) -> str:
     return PIPELINE_FAMILIES[class_name]
 
 
-# image sides must be multiples of these (the VAE's downsampling; FLUX also packs 2 x 2 latents)
-SIZE_MULTIPLES = {"sdxl": 8, "flux": 16}
-
-
 def check_request(
     model: str | os.PathLike,
     prompts: list[str],
@@ -71,27 +79,18 @@ def check_request(
 ) -> str:
     """Check a generation request against the model's family before any weight loads (reading only
     ``model_index.json`` and configs): image sides the model can make, and, for ShapesWorld, prompts
-    of its grammar. Raises ValueError naming the bad value; returns the family."""
+    of its grammar. The rules and messages are the loaded backend's (:meth:`DiffusionBackend.check_inputs`)
+    with the family's weights-free values. Raises ValueError naming the bad value; returns the family."""
     family = family_of(model)
     if family == "shapes":
         from img_guidance.shapes.grammar import parse
 
-        for i, prompt in enumerate(prompts):
-            try:
-                parse(prompt)
-            except ValueError as err:
-                raise ValueError(
-                    f"prompt {i} ({prompt!r}) is not one the shapes model can draw: {err}"
-                ) from None
-        size = _shapes_image_size(model)
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and value != size:
-                raise ValueError(f"the shapes model makes {size} x {size} images only; got --{name} {value}")
+        check_prompts(prompts, family=family, can_draw=parse)
+        sides = ImageSides(only=_shapes_image_size(model))
     else:
-        multiple = SIZE_MULTIPLES[family]
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and value % multiple:
-                raise ValueError(f"--{name} must be a multiple of {multiple} for {family}, got {value}")
+        sides = ImageSides(multiple=SIDE_MULTIPLES[family])
+    sides.check(family, "--height", height)
+    sides.check(family, "--width", width)
     return family
 
 
@@ -125,8 +124,7 @@ def load_backend(
     with any component overridden. ``unet`` swaps the SDXL UNet (for FLUX it swaps the transformer).
     With ``offload`` other than "none" the weights stay on the CPU and move to ``device`` as they run
     (see :meth:`DiffusionBackend.set_offload`)."""
-    if offload not in ("none", "model", "sequential"):
-        raise ValueError(f"offload must be 'none', 'model' or 'sequential', got {offload!r}")
+    check_offload(offload)
     from img_guidance.hub import is_local
     from img_guidance.presets import BACKEND_PRESETS
 

@@ -8,16 +8,65 @@ injected as they are (computed once per image, never re-projected at each denois
 
 from __future__ import annotations
 
+import math
+import operator
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     import torch
     from PIL.Image import Image
 
 OffloadMode = Literal["none", "model", "sequential"]
+OFFLOAD_MODES: tuple[OffloadMode, ...] = get_args(OffloadMode)
+MAX_SEED = 2**63 - 1  # torch generators take any 64-bit seed; metadata and numpy readers take int64
+# image sides of each family, known before any weight loads: the VAE's downsampling (SDXL's pipeline
+# demands 8), FLUX's also packs 2 x 2 latents; a loaded backend reads its own (see ``image_sides``)
+SIDE_MULTIPLES = {"sdxl": 8, "flux": 16}
+
+
+def check_offload(mode: str) -> None:
+    """Raise ValueError naming ``mode`` unless it is one of :data:`OFFLOAD_MODES`."""
+    if mode not in OFFLOAD_MODES:
+        raise ValueError(f"unknown offload mode {mode!r}; valid modes: {', '.join(OFFLOAD_MODES)}")
+
+
+@dataclass(frozen=True)
+class ImageSides:
+    """The image sides a model makes: any positive multiple of ``multiple``, or, with ``only``, that
+    one side."""
+
+    multiple: int = 1
+    only: int | None = None
+
+    def check(self, family: str, name: str, value: int | None) -> None:
+        """Raise ValueError naming ``name`` and ``value`` when a ``family`` model cannot make that side
+        (None: unset, the model's default)."""
+        if value is None:
+            return
+        if self.only is not None:
+            if value != self.only:
+                raise ValueError(
+                    f"the {family} model makes {self.only} x {self.only} images only; got {name}={value}"
+                )
+        elif value <= 0 or value % self.multiple:
+            raise ValueError(
+                f"the {family} model makes images whose sides are positive multiples of {self.multiple}; "
+                f"got {name}={value}"
+            )
+
+
+def check_prompts(prompts: Sequence[str], *, family: str, can_draw: Callable[[str], object]) -> None:
+    """Raise ValueError naming the first prompt ``can_draw`` refuses (by raising ValueError)."""
+    for i, prompt in enumerate(prompts):
+        try:
+            can_draw(prompt)
+        except ValueError as err:
+            raise ValueError(
+                f"prompt {i} ({prompt!r}) is not one the {family} model can draw: {err}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -36,11 +85,22 @@ class DiffusionBackend(ABC):
 
     Subclasses set ``family`` (``"sdxl"``, ``"flux"``, ``"shapes"``) and ``defaults``, and build
     themselves in a ``from_pretrained`` classmethod that takes hub ids or local paths for each
-    component.
+    component. Their ``generate`` starts with :meth:`check_inputs`, written once here so that every
+    backend refuses the same inputs with the same message; a family states its own rules through
+    :attr:`image_sides` and :meth:`check_prompt`.
     """
 
     family: str
     defaults: GenerationDefaults
+
+    @property
+    def image_sides(self) -> ImageSides:
+        """The image sides this model makes (default: any positive side); :meth:`check_inputs`
+        refuses others."""
+        return ImageSides()
+
+    def check_prompt(self, prompt: str) -> None:  # noqa: B027
+        """Raise ValueError saying why the model cannot draw ``prompt``; by default it draws any."""
 
     @property
     @abstractmethod
@@ -79,12 +139,68 @@ class DiffusionBackend(ABC):
 
         With ``image_tokens`` [B, N, D] (one row per prompt, post-projection), sample i is
         conditioned on row i at IP scale ``ip_scale``; without them the adapter is off (scale 0) and
-        the result is plain generation. Unset sampling settings come from ``defaults``.
+        the result is plain generation. Unset sampling settings come from ``defaults``. Call
+        :meth:`check_inputs` first.
         """
 
-    def set_offload(self, mode: OffloadMode, device: str | torch.device) -> None:  # noqa: B027
+    def check_inputs(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        image_tokens: torch.Tensor | None,
+        ip_scale: float,
+        steps: int | None,
+        height: int | None,
+        width: int | None,
+    ) -> tuple[list[str], list[int]]:
+        """The checks of :meth:`generate`'s arguments every backend shares, before any work: raises
+        TypeError or ValueError naming the bad value; returns the prompts and seeds as lists (seeds
+        as ints). Family rules come from :meth:`check_prompt` and :attr:`image_sides`."""
+        if isinstance(prompts, str):
+            raise TypeError(f"prompts must be a sequence of strings, got the string {prompts!r}")
+        prompts, seeds = list(prompts), list(seeds)
+        if not prompts:
+            raise ValueError("generate needs at least one prompt, got none")
+        not_strings = [p for p in prompts if not isinstance(p, str)]
+        if not_strings:
+            raise TypeError(f"prompts must be strings, got {not_strings[0]!r}")
+        if len(prompts) != len(seeds):
+            raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
+        for i, seed in enumerate(seeds):
+            if isinstance(seed, bool):  # an int to operator.index, but never meant as a seed
+                raise TypeError(f"seed {i} must be an integer, got {seed!r}")
+            try:
+                seeds[i] = operator.index(seed)  # ints and numpy integers, not floats
+            except TypeError:
+                raise TypeError(f"seed {i} must be an integer, got {seed!r}") from None
+            if not 0 <= seeds[i] <= MAX_SEED:
+                raise ValueError(f"seed {i} must lie in [0, 2**63 - 1], got {seed}")
+        check_prompts(prompts, family=self.family, can_draw=self.check_prompt)
+        if image_tokens is not None:
+            import torch
+
+            if not isinstance(image_tokens, torch.Tensor):
+                raise TypeError(f"image_tokens must be a tensor, got {type(image_tokens).__name__}")
+            expected = (len(prompts), *self.token_shape)
+            if tuple(image_tokens.shape) != expected:
+                raise ValueError(
+                    f"image_tokens must be [prompts, tokens, width] = {list(expected)} for the {self.family} "
+                    f"backend, got {list(image_tokens.shape)}"
+                )
+        # also without tokens: a bad scale is a caller's mistake even where it goes unused
+        if not (math.isfinite(ip_scale) and ip_scale >= 0):
+            raise ValueError(f"ip_scale must be a finite number >= 0, got {ip_scale}")
+        if steps is not None and steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.image_sides.check(self.family, "height", height)
+        self.image_sides.check(self.family, "width", width)
+        return prompts, seeds
+
+    def set_offload(self, mode: OffloadMode, device: str | torch.device) -> None:
         """Keep weights off ``device`` between uses ("model": whole sub-models move to ``device``
-        when they run; "sequential": layer by layer). The default does nothing."""
+        when they run; "sequential": layer by layer). The default checks ``mode`` and does nothing."""
+        check_offload(mode)
 
     def describe(self) -> dict[str, str]:
         """What this backend was built from, for metadata files: component names or paths."""

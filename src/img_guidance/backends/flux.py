@@ -19,7 +19,6 @@ projections of each double-stream block). This module adds what IMG needs on top
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from img_guidance.backends.base import DiffusionBackend, GenerationDefaults, OffloadMode
+from img_guidance.backends.base import (
+    DiffusionBackend,
+    GenerationDefaults,
+    ImageSides,
+    OffloadMode,
+    check_offload,
+)
 from img_guidance.hub import hub_file, pretrained_location
 from img_guidance.precision import default_dtype
 
@@ -35,7 +40,6 @@ if TYPE_CHECKING:
     from diffusers import FluxPipeline
     from PIL.Image import Image
 
-OFFLOAD_MODES = ("none", "model", "sequential")
 # The official demo builds its negative image prompt from a black 1024x1024 image.
 NEGATIVE_IMAGE_SIZE = 1024
 
@@ -147,8 +151,7 @@ class FluxBackend(DiffusionBackend):
         from diffusers import FluxPipeline, FluxTransformer2DModel
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-        if offload not in OFFLOAD_MODES:
-            raise ValueError(f"offload mode {offload!r} is not one of {', '.join(map(repr, OFFLOAD_MODES))}")
+        check_offload(offload)
         device = torch.device(device) if device is not None else _default_device()
         if torch_dtype is None:
             torch_dtype = default_dtype(device)
@@ -244,6 +247,11 @@ class FluxBackend(DiffusionBackend):
     def dtype(self) -> torch.dtype:
         return self.pipe.transformer.dtype
 
+    @property
+    def image_sides(self) -> ImageSides:
+        # the VAE's downsampling x the 2 x 2 latent packing: 16 for FLUX.1's VAE
+        return ImageSides(multiple=self.pipe.vae_scale_factor * 2)
+
     # ------------------------------------------------------------------------------- image tokens
     @torch.no_grad()
     def encode_image(self, images: Sequence[Image]) -> torch.Tensor:
@@ -294,8 +302,17 @@ class FluxBackend(DiffusionBackend):
         its true-CFG negative branch to the black-image tokens, both at ``ip_scale`` (official
         re-generation: 0.2). The tokens are used as given: no projection runs during the call.
         """
-        prompts, seeds = list(prompts), [int(s) for s in seeds]
-        self._check_generate_inputs(prompts, seeds, image_tokens, ip_scale, steps, height, width)
+        # 1. Check inputs
+        prompts, seeds = self.check_inputs(
+            prompts,
+            seeds,
+            image_tokens=image_tokens,
+            ip_scale=ip_scale,
+            steps=steps,
+            height=height,
+            width=width,
+        )
+        # 2. Sampling settings; true CFG with an empty negative prompt
         defaults = self.defaults
         kwargs: dict[str, Any] = {
             "prompt": prompts,
@@ -308,10 +325,11 @@ class FluxBackend(DiffusionBackend):
         }
         if self.true_cfg_scale > 1:
             kwargs |= {"negative_prompt": [""] * len(prompts), "true_cfg_scale": self.true_cfg_scale}
-        if image_tokens is None:
+        if image_tokens is None:  # 3a. Plain generation
             with self._adapter_off():
                 return list(self.pipe(**kwargs).images)
 
+        # 3b. Generation on the given tokens at ``ip_scale``
         batch = len(prompts)
         # [1, N, D] -> [B, N, D]; always given, or the pipeline would encode a black image itself
         negative = self.negative_image_tokens().expand(batch, -1, -1)
@@ -323,39 +341,6 @@ class FluxBackend(DiffusionBackend):
                 negative_ip_adapter_image_embeds=[negative.to(self.dtype)],
             ).images
         return list(images)
-
-    def _check_generate_inputs(
-        self,
-        prompts: list[str],
-        seeds: list[int],
-        image_tokens: torch.Tensor | None,
-        ip_scale: float,
-        steps: int | None,
-        height: int | None,
-        width: int | None,
-    ) -> None:
-        if not prompts:
-            raise ValueError("generate got no prompts")
-        if not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
-        if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; one seed per prompt")
-        if image_tokens is not None:
-            expected = (len(prompts), *self.token_shape)
-            if not isinstance(image_tokens, torch.Tensor) or tuple(image_tokens.shape) != expected:
-                got = tuple(image_tokens.shape) if isinstance(image_tokens, torch.Tensor) else image_tokens
-                raise ValueError(
-                    f"image_tokens of shape {got} do not fit: the flux backend expects {expected} "
-                    f"(one row per prompt, token shape {self.token_shape})"
-                )
-        if not (math.isfinite(ip_scale) and ip_scale >= 0):
-            raise ValueError(f"ip_scale must be a finite number >= 0, got {ip_scale}")
-        if steps is not None and steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        multiple = self.pipe.vae_scale_factor * 2  # VAE downsampling x the 2x2 latent packing
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and (value <= 0 or value % multiple):
-                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value}")
 
     @contextlib.contextmanager
     def _adapter_off(self) -> Iterator[None]:
@@ -394,8 +379,7 @@ class FluxBackend(DiffusionBackend):
         """ "none": every component on ``device``; "model": each component moves to ``device`` when
         it runs (diffusers ``enable_model_cpu_offload``); "sequential": layer by layer
         (``enable_sequential_cpu_offload``)."""
-        if mode not in OFFLOAD_MODES:
-            raise ValueError(f"offload mode {mode!r} is not one of {', '.join(map(repr, OFFLOAD_MODES))}")
+        check_offload(mode)
         if mode == "none":
             self.pipe.remove_all_hooks()
             self.pipe.to(device)

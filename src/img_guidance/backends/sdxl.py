@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from img_guidance.backends.base import DiffusionBackend, GenerationDefaults, OffloadMode
+from img_guidance.backends.base import (
+    SIDE_MULTIPLES,
+    DiffusionBackend,
+    GenerationDefaults,
+    ImageSides,
+    OffloadMode,
+    check_offload,
+)
 from img_guidance.hub import hub_file, pretrained_location
 
 if TYPE_CHECKING:
@@ -30,7 +37,6 @@ DEFAULT_IP_ADAPTER = "h94/IP-Adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.safe
 DEFAULT_IMAGE_ENCODER = "h94/IP-Adapter/models/image_encoder"
 # the paper's SDXL settings (Sec. 4): 50 steps, CFG 7.5, 1024 x 1024
 PAPER_DEFAULTS = GenerationDefaults(steps=50, guidance_scale=7.5, height=1024, width=1024)
-OFFLOAD_MODES = ("none", "model", "sequential")
 
 
 class PostProjectionTokens(nn.Module):
@@ -203,6 +209,11 @@ class SDXLBackend(DiffusionBackend):
     def dtype(self) -> torch.dtype:
         return self.pipe.unet.dtype
 
+    @property
+    def image_sides(self) -> ImageSides:
+        # what StableDiffusionXLPipeline.check_inputs demands, whatever the VAE's downsampling
+        return ImageSides(multiple=SIDE_MULTIPLES[self.family])
+
     def describe(self) -> dict[str, str]:
         return {"family": self.family, **self._sources, "dtype": str(self.dtype).removeprefix("torch.")}
 
@@ -211,8 +222,7 @@ class SDXLBackend(DiffusionBackend):
         sub-model moving to ``device`` when it runs (diffusers' ``enable_model_cpu_offload``); with
         "sequential" layer by layer (``enable_sequential_cpu_offload``). The resampler (~80M parameters
         for ViT-H Plus) is not a pipeline component and stays on ``device`` in every mode."""
-        if mode not in OFFLOAD_MODES:
-            raise ValueError(f"offload mode must be one of {OFFLOAD_MODES}, got {mode!r}")
+        check_offload(mode)
         device = torch.device(device)
         self.pipe.remove_all_hooks()
         if mode == "none":
@@ -275,7 +285,17 @@ class SDXLBackend(DiffusionBackend):
         Without them the adapter is off (scale 0: its attention branch is skipped) and the images equal
         plain SDXL generation. Unset sampling settings come from ``defaults``.
         """
-        prompts, seeds = self._check_inputs(prompts, seeds, image_tokens, ip_scale)
+        # 1. Check inputs
+        prompts, seeds = self.check_inputs(
+            prompts,
+            seeds,
+            image_tokens=image_tokens,
+            ip_scale=ip_scale,
+            steps=steps,
+            height=height,
+            width=width,
+        )
+        # 2. Image tokens for the conditional and unconditional branches
         batch = len(prompts)
         if image_tokens is None:
             # the UNet always expects image tokens; at scale 0 the IP processors never read them
@@ -285,7 +305,8 @@ class SDXLBackend(DiffusionBackend):
         else:
             cond, uncond = image_tokens, self.negative_image_tokens()
 
-        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        # 3. Sample, the adapter at ``ip_scale`` for this call only
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         with self._row_wise_image_tokens(uncond), self._ip_scale(ip_scale):
             return self.pipe(
                 prompt=prompts,
@@ -297,33 +318,6 @@ class SDXLBackend(DiffusionBackend):
                 ip_adapter_image_embeds=[cond[:, None]],  # [B, 1 image, N, D] for the one IP-Adapter
                 output_type="pil",
             ).images
-
-    def _check_inputs(
-        self,
-        prompts: Sequence[str],
-        seeds: Sequence[int],
-        image_tokens: torch.Tensor | None,
-        ip_scale: float,
-    ) -> tuple[list[str], list[int]]:
-        if isinstance(prompts, str):
-            raise TypeError(f"prompts must be a sequence of strings, got the string {prompts!r}")
-        prompts, seeds = list(prompts), list(seeds)
-        if not prompts:
-            raise ValueError("generate needs at least one prompt, got none")
-        if len(prompts) != len(seeds):
-            raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
-        if image_tokens is not None:
-            if not isinstance(image_tokens, torch.Tensor):
-                raise TypeError(f"image_tokens must be a tensor, got {type(image_tokens).__name__}")
-            expected = (len(prompts), *self.token_shape)
-            if tuple(image_tokens.shape) != expected:
-                raise ValueError(
-                    f"image_tokens must be [prompts, tokens, width] = {list(expected)} for the sdxl "
-                    f"backend, got {list(image_tokens.shape)}"
-                )
-        if not ip_scale >= 0:
-            raise ValueError(f"ip_scale must be >= 0, got {ip_scale}")
-        return prompts, seeds
 
     @contextlib.contextmanager
     def _ip_scale(self, scale: float) -> Iterator[None]:

@@ -15,14 +15,13 @@ written by ``shapes train-all``; ``defaults.ip_scale``), else to 0.2 (the paper'
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from img_guidance.backends.base import DiffusionBackend, GenerationDefaults
+from img_guidance.backends.base import DiffusionBackend, GenerationDefaults, ImageSides
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -111,6 +110,18 @@ class ShapesBackend(DiffusionBackend):
     def dtype(self) -> torch.dtype:
         return self.pipe.dtype
 
+    @property
+    def image_sides(self) -> ImageSides:
+        """The UNet's one size: it denoises pixels, so its ``sample_size`` is the image's side (32)."""
+        return ImageSides(only=self.pipe.unet.config.sample_size)
+
+    def check_prompt(self, prompt: str) -> None:
+        """Only prompts of the world's grammar (:func:`~img_guidance.shapes.grammar.parse`): the model
+        was trained on nothing else."""
+        from img_guidance.shapes.grammar import parse
+
+        parse(prompt)
+
     def describe(self) -> dict[str, str]:
         return {"family": self.family, "model": self._source, "dtype": str(self.dtype).removeprefix("torch.")}
 
@@ -154,7 +165,17 @@ class ShapesBackend(DiffusionBackend):
         Without them (or at ``ip_scale`` 0) the adapter is off and the images are the base model's.
         Unset sampling settings come from ``defaults``; the model makes 32 x 32 images only.
         """
-        prompts, seeds = self._check_inputs(prompts, seeds, image_tokens, ip_scale, steps, height, width)
+        # 1. Check inputs
+        prompts, seeds = self.check_inputs(
+            prompts,
+            seeds,
+            image_tokens=image_tokens,
+            ip_scale=ip_scale,
+            steps=steps,
+            height=height,
+            width=width,
+        )
+        # 2. Sample
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         negative = None
         if image_tokens is not None:
@@ -169,48 +190,3 @@ class ShapesBackend(DiffusionBackend):
             steps=self.defaults.steps if steps is None else int(steps),
             guidance_scale=self.defaults.guidance_scale if guidance_scale is None else float(guidance_scale),
         )
-
-    def _check_inputs(
-        self,
-        prompts: Sequence[str],
-        seeds: Sequence[int],
-        image_tokens: torch.Tensor | None,
-        ip_scale: float,
-        steps: int | None,
-        height: int | None,
-        width: int | None,
-    ) -> tuple[list[str], list[int]]:
-        from img_guidance.shapes.grammar import parse
-
-        if isinstance(prompts, str):
-            raise TypeError(f"prompts must be a sequence of strings, got the string {prompts!r}")
-        prompts, seeds = list(prompts), [int(s) for s in seeds]
-        if not prompts:
-            raise ValueError("generate needs at least one prompt, got none")
-        if len(prompts) != len(seeds):
-            raise ValueError(f"one seed per prompt: got {len(prompts)} prompts and {len(seeds)} seeds")
-        for prompt in prompts:
-            try:
-                parse(prompt)
-            except ValueError as err:
-                raise ValueError(
-                    f"the shapes backend only draws prompts of the world's grammar: {err}"
-                ) from None
-        if image_tokens is not None:
-            if not isinstance(image_tokens, torch.Tensor):
-                raise TypeError(f"image_tokens must be a tensor, got {type(image_tokens).__name__}")
-            expected = (len(prompts), *self.token_shape)
-            if tuple(image_tokens.shape) != expected:
-                raise ValueError(
-                    f"image_tokens must be [prompts, tokens, width] = {list(expected)} for the shapes "
-                    f"backend, got {list(image_tokens.shape)}"
-                )
-        if not (math.isfinite(ip_scale) and ip_scale >= 0):
-            raise ValueError(f"ip_scale must be a finite number >= 0, got {ip_scale}")
-        if steps is not None and steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        size = self.pipe.unet.config.sample_size
-        for name, value in (("height", height), ("width", width)):
-            if value is not None and value != size:
-                raise ValueError(f"the shapes model makes {size} x {size} images only; got {name}={value}")
-        return prompts, seeds

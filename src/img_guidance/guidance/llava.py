@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from img_guidance.backends.base import OffloadMode, check_offload
 from img_guidance.guidance.base import GuidanceModel, GuidanceOutput
 from img_guidance.guidance.prompts import build_example, build_prompt, check_format
 from img_guidance.hub import pretrained_location
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     import torch
     from PIL.Image import Image
 
-OFFLOAD_MODES = ("none", "model", "sequential")
 QUANTIZATIONS = ("8bit", "4bit")
 
 
@@ -149,14 +149,13 @@ class TransformersGuidance(GuidanceModel):
         """Where the forward pass runs (inputs and outputs live here)."""
         return self._device
 
-    def set_offload(self, mode: str, device: str | torch.device) -> None:
+    def set_offload(self, mode: OffloadMode, device: str | torch.device) -> None:
         """``"none"``: weights stay on ``device``; ``"model"``: the whole model moves to ``device``
         for each :meth:`guide` call and back to the CPU after; ``"sequential"``: weights stay on
         the CPU and each layer visits ``device`` while it runs (accelerate's ``cpu_offload``)."""
         import torch
 
-        if mode not in OFFLOAD_MODES:
-            raise ValueError(f"unknown offload mode {mode!r}; valid modes: {', '.join(OFFLOAD_MODES)}")
+        check_offload(mode)
         if self._quantized:
             if mode != "none":
                 raise ValueError(

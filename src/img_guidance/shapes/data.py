@@ -8,19 +8,22 @@ own readers, feature stage and recipes consume it unchanged.
   time (a near miss, as a generator's mistakes are), sometimes B itself ("no change"), sometimes
   any other scene. Read back by :func:`img_guidance.data.triplets.iter_triplets`.
 - Preference pairs (:func:`write_pairs`): the Pick-a-Pic v2 parquet schema (``caption``, ``jpg_0``,
-  ``jpg_1``, ``label_0``, ``label_1``, ``has_label``, ``ranking_id``): N generations per prompt
-  (N seeds), all judged; a row is the best-scoring of them against the worst-scoring, in generation
-  order, labelled by the judge's scores. A prompt whose N images all score alike gives no row (a tie
-  teaches nothing) and is counted (:class:`PairCounts`). Images are stored as PNG (lossless: a 32 px
-  JPEG would shift the colours the judge reads); the reader decodes any format PIL knows. Read back
-  by :func:`img_guidance.data.pairs.iter_pairs`.
+  ``jpg_1``, ``label_0``, ``label_1``, ``has_label``, ``ranking_id``), N generations per prompt (N
+  seeds), all judged, made one of two ways. :func:`make_correction_pairs`: every image not judged
+  right against the render of its nearest correct scene (:mod:`img_guidance.shapes.correct`: the
+  image's mistakes fixed, the rest kept where it was), which is preferred; the side it takes is a
+  seeded coin. :func:`make_pairs`: a prompt's best-scoring image against its worst-scoring one, in
+  generation order, labelled by the judge's scores; a prompt whose N images all score alike gives no
+  row (a tie teaches nothing) and is counted (:class:`PairCounts`). Images are stored as PNG
+  (lossless: a 32 px JPEG would shift the colours the judge reads); the reader decodes any format PIL
+  knows. Read back by :func:`img_guidance.data.pairs.iter_pairs`.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +35,8 @@ from img_guidance.shapes.render import render
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from img_guidance.shapes.judge import Verdict
 
 # How a triplet's source scene A is drawn for a target B
 NEAR_MISS, SAME, OTHER = 0.85, 0.1, 0.05
@@ -120,6 +125,68 @@ class PairCounts:
     ties_dropped: int = 0  # prompts whose images all scored alike
 
 
+@dataclass
+class CorrectionCounts:
+    """What :func:`make_correction_pairs` made: ``images == pairs + right``."""
+
+    prompts: int = 0  # scenes generated for
+    images: int = 0  # generations judged (``generations`` per prompt)
+    pairs: int = 0  # rows: a wrong image against its correction
+    right: int = 0  # images judged right: nothing to correct, no row
+    kept_objects: int = 0  # objects of the wrong images that kept their place in the correction
+    fresh_layouts: int = 0  # corrections that kept nothing: the scene's canonical layout
+
+
+def _judged_generations(
+    generate: Callable[[list[str], list[int]], list[Image.Image]],
+    scenes: Sequence[SceneSpec],
+    *,
+    generations: int,
+    seeds: Callable[[int], Sequence[int]] | Sequence[int],
+    batch_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> Iterator[tuple[int, str, tuple[Image.Image, ...], list[Verdict]]]:
+    """(scene index, prompt, its ``generations`` images, their verdicts), scene by scene, from one
+    ``generate`` call per generation index per ``batch_size`` scenes; every scene's seeds are checked
+    before any generation."""
+    from img_guidance.shapes.judge import judge
+
+    if generations < 1:
+        raise ValueError(f"generations must be >= 1, got {generations}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    seed_lists = [list(seeds(i) if callable(seeds) else seeds) for i in range(len(scenes))]
+    for i, scene_seeds in enumerate(seed_lists):
+        if len(scene_seeds) != generations:
+            raise ValueError(
+                f"generations={generations} needs {generations} seeds per scene, but scene {i} "
+                f"({describe(scenes[i])!r}) has {len(scene_seeds)}: {scene_seeds}"
+            )
+    for begin in range(0, len(scenes), batch_size):
+        chunk = range(begin, min(begin + batch_size, len(scenes)))
+        prompts = [describe(scenes[i]) for i in chunk]
+        # images[k][j] is generation k of scene chunk[j]
+        images = [generate(prompts, [seed_lists[i][k] for i in chunk]) for k in range(generations)]
+        for i, prompt, scene_images in zip(chunk, prompts, zip(*images, strict=True), strict=True):
+            yield i, prompt, scene_images, [judge(image, scenes[i]) for image in scene_images]
+        if progress is not None:
+            progress(chunk.stop, len(scenes))
+
+
+def _pair_row(
+    prompt: str, image_0: bytes, image_1: bytes, labels: tuple[float, float], ranking_id: int
+) -> dict:
+    return {
+        "caption": prompt,
+        "jpg_0": image_0,
+        "jpg_1": image_1,
+        "label_0": labels[0],
+        "label_1": labels[1],
+        "has_label": True,
+        "ranking_id": ranking_id,
+    }
+
+
 def make_pairs(
     generate: Callable[[list[str], list[int]], list[Image.Image]],
     scenes: Sequence[SceneSpec],
@@ -135,54 +202,72 @@ def make_pairs(
     worst-scoring one, in generation order, labelled by :func:`label_pair`; among images of equal
     score the lowest generation index is taken. Scenes whose images all score alike give no row.
     ``progress(done, total)`` is called with the scenes done after each batch."""
-    from img_guidance.shapes.judge import judge
-
-    # 1. Check inputs (every scene's seeds, before any generation)
     if generations < 2:
         raise ValueError(f"make_pairs needs generations >= 2 (a best and a worst image), got {generations}")
-    if batch_size < 1:
-        raise ValueError(f"make_pairs needs batch_size >= 1, got {batch_size}")
-    seed_lists = [list(seeds(i) if callable(seeds) else seeds) for i in range(len(scenes))]
-    for i, scene_seeds in enumerate(seed_lists):
-        if len(scene_seeds) != generations:
-            raise ValueError(
-                f"generations={generations} needs {generations} seeds per scene, but scene {i} "
-                f"({describe(scenes[i])!r}) has {len(scene_seeds)}: {scene_seeds}"
-            )
-
     rows, counts = [], PairCounts()
-    for begin in range(0, len(scenes), batch_size):
-        chunk = range(begin, min(begin + batch_size, len(scenes)))
-        prompts = [describe(scenes[i]) for i in chunk]
-        # 2. Generate: images[k][j] is generation k of scene chunk[j]
-        images = [generate(prompts, [seed_lists[i][k] for i in chunk]) for k in range(generations)]
-        for i, prompt, scene_images in zip(chunk, prompts, zip(*images, strict=True), strict=True):
-            # 3. Judge every image; max/min return the first of equal scores: the lowest index
-            scores = [judge(image, scenes[i]).score for image in scene_images]
-            best = max(range(generations), key=scores.__getitem__)
-            worst = min(range(generations), key=scores.__getitem__)
-            counts.prompts += 1
-            counts.images += generations
-            if scores[best] == scores[worst]:
-                counts.ties_dropped += 1
+    judged = _judged_generations(
+        generate, scenes, generations=generations, seeds=seeds, batch_size=batch_size, progress=progress
+    )
+    for i, prompt, scene_images, verdicts in judged:
+        # max/min return the first of equal scores: the lowest index
+        scores = [v.score for v in verdicts]
+        best = max(range(generations), key=scores.__getitem__)
+        worst = min(range(generations), key=scores.__getitem__)
+        counts.prompts += 1
+        counts.images += generations
+        if scores[best] == scores[worst]:
+            counts.ties_dropped += 1
+            continue
+        # the pair in generation order, so that the preferred side carries no position bias
+        first, second = sorted((best, worst))
+        labels = label_pair(scores[first], scores[second])
+        rows.append(
+            _pair_row(prompt, png_bytes(scene_images[first]), png_bytes(scene_images[second]), labels, i)
+        )
+        counts.pairs += 1
+    return rows, counts
+
+
+def make_correction_pairs(
+    generate: Callable[[list[str], list[int]], list[Image.Image]],
+    scenes: Sequence[SceneSpec],
+    *,
+    generations: int = 4,
+    seeds: Callable[[int], Sequence[int]] | Sequence[int],
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[dict[str, Any]], CorrectionCounts]:
+    """``generations`` images per scene, generated and judged as in :func:`make_pairs`; every image
+    not judged right gives a row (Pick-a-Pic schema): the image against the render of its nearest
+    correct scene (:func:`~img_guidance.shapes.correct.corrected_layout`: its mistakes fixed, the
+    rest kept), which is preferred. Which side the correction takes is a seeded coin (``seed``, the
+    scene and the generation index)."""
+    from img_guidance.shapes.correct import corrected_layout
+    from img_guidance.shapes.render import draw
+
+    rows, counts = [], CorrectionCounts()
+    judged = _judged_generations(
+        generate, scenes, generations=generations, seeds=seeds, batch_size=batch_size, progress=progress
+    )
+    for i, prompt, scene_images, verdicts in judged:
+        counts.prompts += 1
+        for k, (image, verdict) in enumerate(zip(scene_images, verdicts, strict=True)):
+            counts.images += 1
+            if verdict.correct is True:
+                counts.right += 1
                 continue
-            # 4. The pair, in generation order so that the preferred side carries no position bias
-            first, second = sorted((best, worst))
-            label_0, label_1 = label_pair(scores[first], scores[second])
-            rows.append(
-                {
-                    "caption": prompt,
-                    "jpg_0": png_bytes(scene_images[first]),
-                    "jpg_1": png_bytes(scene_images[second]),
-                    "label_0": label_0,
-                    "label_1": label_1,
-                    "has_label": True,
-                    "ranking_id": i,
-                }
-            )
+            found = verdict.objects if verdict.readable else None
+            fix = corrected_layout(found, scenes[i], size=image.width)
+            counts.kept_objects += fix.kept
+            counts.fresh_layouts += fix.kept == 0
+            fixed = png_bytes(draw(fix.objects, size=image.width))
+            generated = png_bytes(image)
+            if np.random.default_rng([seed, i, k]).random() < 0.5:
+                rows.append(_pair_row(prompt, fixed, generated, (1.0, 0.0), i))
+            else:
+                rows.append(_pair_row(prompt, generated, fixed, (0.0, 1.0), i))
             counts.pairs += 1
-        if progress is not None:
-            progress(chunk.stop, len(scenes))
     return rows, counts
 
 

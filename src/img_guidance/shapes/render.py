@@ -124,6 +124,62 @@ def draw(objects: list[PlacedObject], *, size: int = 32) -> Image.Image:
     return Image.fromarray(canvas.round().astype(np.uint8), mode="RGB")
 
 
+def place_object(
+    shape: str,
+    colour: str,
+    object_size: float,
+    placed: list[PlacedObject],
+    *,
+    rng: np.random.Generator | None,
+    size: int = 32,
+    relation: str | None = None,
+    anchor: PlacedObject | None = None,
+    anchor_first: bool = True,
+    near: tuple[float, float] | None = None,
+) -> PlacedObject | None:
+    """One more object of side ``object_size`` px at a random free place: its whole box
+    :data:`BORDER` inside the image and :data:`GAP` away from every box in ``placed``; with a
+    ``relation`` and an ``anchor``, also where "anchor <relation> it" holds (``anchor_first``) or
+    "it <relation> anchor". None when there is no such place. ``rng=None`` chooses, deterministically,
+    the free place nearest ``near`` (x, y) px, by default the image centre (the first in row order
+    among equals)."""
+    s, gap, border = object_size, max(2.0, GAP * size), max(1.0, BORDER * size)
+    start = s / 2 + border + (0.0 if rng is None else float(rng.uniform(0, _GRID_STEP)))
+    grid = np.arange(start, size - s / 2 - border + 1e-9, _GRID_STEP)
+    cx, cy = grid[None, :], grid[:, None]  # [1, G] and [G, 1] -> masks [G, G]
+    ok = np.ones((grid.size, grid.size), dtype=bool)
+    for p in placed:
+        reach = (s + p.size) / 2 + gap
+        ok &= (np.abs(cx - p.cx) >= reach) | (np.abs(cy - p.cy) >= reach)
+    if relation is not None and anchor is not None:
+        sign = 1 if anchor_first else -1  # offsets from the relation's first object to its second
+        along, across = relation_offsets(sign * (cx - anchor.cx), sign * (cy - anchor.cy), relation)
+        ok &= (along >= max(s, anchor.size)) & (np.abs(across) <= along / 2)
+    rows, cols = np.nonzero(ok)
+    if rows.size == 0:
+        return None
+    if rng is None:
+        x, y = (size / 2, size / 2) if near is None else near
+        pick = int(np.argmin((grid[cols] - x) ** 2 + (grid[rows] - y) ** 2))
+    else:
+        pick = int(rng.integers(rows.size))
+    return PlacedObject(shape, colour, float(grid[cols[pick]]), float(grid[rows[pick]]), s)
+
+
+def fits(o: PlacedObject, placed: list[PlacedObject], *, size: int = 32) -> bool:
+    """Whether ``o`` keeps the renderer's rules: its box :data:`BORDER` inside the image and
+    :data:`GAP` away from every box in ``placed``."""
+    gap, border = max(2.0, GAP * size), max(1.0, BORDER * size)
+    half = o.size / 2
+    if min(o.cx, o.cy) - half < border - 1e-9 or max(o.cx, o.cy) + half > size - border + 1e-9:
+        return False
+    for p in placed:
+        reach = (o.size + p.size) / 2 + gap
+        if abs(o.cx - p.cx) < reach and abs(o.cy - p.cy) < reach:
+            return False
+    return True
+
+
 def layout(spec: SceneSpec | str, *, seed: int | np.random.Generator, size: int = 32) -> list[PlacedObject]:
     """Where the objects of a scene go: one :class:`PlacedObject` per object, group by group in the
     scene's order. Deterministic given ``seed`` (an int, or a Generator that is advanced)."""
@@ -132,28 +188,19 @@ def layout(spec: SceneSpec | str, *, seed: int | np.random.Generator, size: int 
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     kinds = [(o.shape, o.colour) for o in spec.objects for _ in range(o.count)]
     lo, hi = MIN_SIZE * size, MAX_SIZE * size
-    gap, border = max(2.0, GAP * size), max(1.0, BORDER * size)
     for attempt in range(_ATTEMPTS):
         # a crowded scene that keeps failing gets smaller objects
         top = hi - (hi - lo) * min(1.0, attempt / 50)
         placed: list[PlacedObject] = []
         for shape, colour in kinds:
             s = float(rng.uniform(lo, top))
-            start = s / 2 + border + float(rng.uniform(0, _GRID_STEP))
-            grid = np.arange(start, size - s / 2 - border + 1e-9, _GRID_STEP)
-            cx, cy = grid[None, :], grid[:, None]  # [1, G] and [G, 1] -> masks [G, G]
-            ok = np.ones((grid.size, grid.size), dtype=bool)
-            for p in placed:
-                reach = (s + p.size) / 2 + gap
-                ok &= (np.abs(cx - p.cx) >= reach) | (np.abs(cy - p.cy) >= reach)
-            if spec.relation is not None and placed:
-                along, across = relation_offsets(cx - placed[0].cx, cy - placed[0].cy, spec.relation)
-                ok &= (along >= max(s, placed[0].size)) & (np.abs(across) <= along / 2)
-            rows, cols = np.nonzero(ok)
-            if rows.size == 0:
+            anchor = placed[0] if placed else None
+            o = place_object(
+                shape, colour, s, placed, rng=rng, size=size, relation=spec.relation, anchor=anchor
+            )
+            if o is None:
                 break
-            pick = int(rng.integers(rows.size))
-            placed.append(PlacedObject(shape, colour, float(grid[cols[pick]]), float(grid[rows[pick]]), s))
+            placed.append(o)
         else:
             return placed
     raise RuntimeError(f"could not place {kinds} in a {size} px image after {_ATTEMPTS} attempts")

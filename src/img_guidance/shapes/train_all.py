@@ -8,9 +8,12 @@
    ``OUT/detector_base``, kept for the untrained-detector ablation), finetuned by the detector recipe
    (:func:`~img_guidance.recipes.finetune_detector.finetune`) on triplets the world writes in the
    InstructPix2Pix schema (``OUT/data/triplets.parquet``) -> ``OUT/detector``.
-3. ``pairs``: ``pair_generations`` generations per training prompt, judged; the best against the
-   worst, labelled by the judge, in the Pick-a-Pic schema (``OUT/data/pairs.parquet``); prompts whose
-   generations all score alike give no pair.
+3. ``pairs``: ``pair_generations`` generations per training prompt, judged, in the Pick-a-Pic
+   schema (``OUT/data/pairs.parquet``). ``pair_method="correction"`` (the default): every image not
+   judged right against the render of its nearest correct scene, its mistakes fixed and the rest kept
+   (:func:`~img_guidance.shapes.data.make_correction_pairs`); ``"best-worst"``: a prompt's best image
+   against its worst, prompts whose images all score alike giving no pair
+   (:func:`~img_guidance.shapes.data.make_pairs`).
 4. ``features``: the project's feature stage (:func:`~img_guidance.features.extract.extract_features`)
    with the generator's image tokens and the detector's guidance -> ``OUT/features``.
 5. ``aligner``: the aligner recipe (:func:`~img_guidance.recipes.train_aligner.train`) on that cache
@@ -43,6 +46,7 @@ WEIGHTS = Path(__file__).resolve().parent / "weights"
 MODELS = ("generator", "detector", "aligner")
 STAGES = ("generator", "detector", "pairs", "features", "aligner", "ip_scale")
 PAIR_SEED_OFFSET = 1_000_000  # pair generations use seeds no benchmark uses
+PAIR_METHODS = ("correction", "best-worst")
 
 
 @dataclass
@@ -72,7 +76,10 @@ class ShapesRecipe:
     detector_val_rows: int = 200
     # pairs (stage 3)
     pair_prompts: int = 2000
-    pair_generations: int = 4  # best vs worst of this many
+    pair_generations: int = 4  # images per prompt
+    # "correction": every wrong image against the render of its nearest correct scene; or
+    # "best-worst": the best against the worst of a prompt's images (the models shipped before 2026-12-06)
+    pair_method: str = "correction"
     # aligner (stage 5)
     aligner_depth: int = 2
     aligner_heads: int = 4
@@ -83,6 +90,10 @@ class ShapesRecipe:
     aligner_lam: float = 1.0
     aligner_k: int = 10
     aligner_terms: tuple[str, ...] = ("dpo", "spin")
+
+    def __post_init__(self) -> None:
+        if self.pair_method not in PAIR_METHODS:
+            raise ValueError(f"pair_method must be one of {PAIR_METHODS}, got {self.pair_method!r}")
 
     @classmethod
     def quick(cls, seed: int = 0) -> ShapesRecipe:
@@ -178,8 +189,9 @@ def choose_ip_scale(
     train-all folder ``out``: for each of ``scales``, IMG (1 round, 3 passes) on every validation
     scene (seed i for scene i, from the same initial images), judged; the scale at which IMG gets the
     most images fully right wins (ties: the smaller scale). Also recorded, not used for the choice:
-    the base model, and re-generation from the tokens of a correct render in another layout
-    (:func:`~img_guidance.shapes.train_generator.oracle_render`) at each scale. Writes
+    the base model, and at each scale re-generation from the tokens of a correct render in another
+    layout (:func:`~img_guidance.shapes.train_generator.oracle_render`) and of the initial image's
+    nearest correct render (:func:`~img_guidance.shapes.correct.nearest_correct_render`). Writes
     ``out/generator/ip_scale.json`` (the choice and every accuracy) atomically; returns its content."""
     import torch
 
@@ -187,6 +199,7 @@ def choose_ip_scale(
     from img_guidance.backends.shapes import ShapesBackend
     from img_guidance.guidance import load_guidance
     from img_guidance.pipeline import IMGPipeline
+    from img_guidance.shapes.correct import nearest_correct_render
     from img_guidance.shapes.grammar import describe
     from img_guidance.shapes.judge import judge_many
     from img_guidance.shapes.models import IP_SCALE_FILE
@@ -213,6 +226,9 @@ def choose_ip_scale(
         return images
 
     initial = batched(lambda part: backend.generate(prompts[part], seeds[part]))
+    nearest = backend.encode_image(
+        [nearest_correct_render(im, s) for im, s in zip(initial, chosen, strict=True)]
+    )
     rows: dict[str, dict[str, Any]] = {}
 
     def record(name: str, scale: float, images: list) -> None:
@@ -239,6 +255,12 @@ def choose_ip_scale(
             )
         )
         record(f"oracle tokens, IP {scale:g}", scale, oracle_images)
+        nearest_images = batched(
+            lambda part, scale=scale: backend.generate(
+                prompts[part], seeds[part], image_tokens=nearest[part], ip_scale=scale
+            )
+        )
+        record(f"nearest-correct-render tokens, IP {scale:g}", scale, nearest_images)
     best = max(scales, key=lambda s: (rows[f"IMG, IP {s:g}"]["accuracy"], -s))
     result = {"ip_scale": best, "chosen_by": "IMG (1 round)", "split": "validation", "scenes": len(chosen)}
     result["rows"] = rows
@@ -303,25 +325,30 @@ def stage_detector(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) 
 
 def stage_pairs(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -> dict[str, Any]:
     from img_guidance.backends.shapes import ShapesBackend
-    from img_guidance.shapes.data import make_pairs, write_pairs
+    from img_guidance.shapes.data import make_correction_pairs, make_pairs, write_pairs
 
     backend = ShapesBackend.from_pretrained(out / "generator")
     scenes = balanced_scenes(training_scenes(recipe.seed), recipe.pair_prompts, recipe.seed)
     # scene i's seeds are base + n * i + k (k < n): no two scenes, nor two recipe seeds, share one
     n = recipe.pair_generations
     base = PAIR_SEED_OFFSET + recipe.seed * n * recipe.pair_prompts
-    rows, counts = make_pairs(
-        lambda prompts, seeds: backend.generate(prompts, seeds),
-        scenes,
-        generations=n,
-        seeds=lambda i: range(base + n * i, base + n * (i + 1)),
-        progress=lambda done, total: log(f"pairs: {done}/{total} prompts generated and judged"),
-    )
-    if not rows:
-        raise RuntimeError(
+    options = {
+        "generations": n,
+        "seeds": lambda i: range(base + n * i, base + n * (i + 1)),
+        "progress": lambda done, total: log(f"pairs: {done}/{total} prompts generated and judged"),
+    }
+    generate = lambda prompts, seeds: backend.generate(prompts, seeds)  # noqa: E731
+    if recipe.pair_method == "correction":
+        rows, counts = make_correction_pairs(generate, scenes, seed=recipe.seed, **options)
+        empty = f"every one of the {counts.images} images was judged right: no correction to learn from"
+    else:
+        rows, counts = make_pairs(generate, scenes, **options)
+        empty = (
             f"the judge scored all {n} images of every one of the {counts.prompts} prompts alike: no "
             "preference pair to train on (is the generator trained?)"
         )
+    if not rows:
+        raise RuntimeError(empty)
     write_pairs(out / "data" / "pairs.parquet", rows)
     return asdict(counts)
 
