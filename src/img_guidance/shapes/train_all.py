@@ -78,7 +78,8 @@ class ShapesRecipe:
     pair_prompts: int = 2000
     pair_generations: int = 4  # images per prompt
     # "correction": every wrong image against the render of its nearest correct scene; or
-    # "best-worst": the best against the worst of a prompt's images (the models shipped before 2026-12-06)
+    # "best-worst": the best against the worst of a prompt's images (the aligner shipped before the
+    # correction pairs, until 2026-12-05)
     pair_method: str = "correction"
     # aligner (stage 5)
     aligner_depth: int = 2
