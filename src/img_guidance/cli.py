@@ -14,7 +14,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from img_guidance.backends.base import MAX_SEED, OFFLOAD_MODES, check_offload
+from img_guidance.backends.base import MAX_SEED
+from img_guidance.offload import OFFLOAD_MODES, check_offload
 from img_guidance.precision import DTYPE_NAMES
 
 app = typer.Typer(

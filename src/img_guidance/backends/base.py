@@ -13,24 +13,18 @@ import operator
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING
+
+from img_guidance.offload import OFFLOAD_MODES, OffloadMode, check_offload  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     import torch
     from PIL.Image import Image
 
-OffloadMode = Literal["none", "model", "sequential"]
-OFFLOAD_MODES: tuple[OffloadMode, ...] = get_args(OffloadMode)
 MAX_SEED = 2**63 - 1  # torch generators take any 64-bit seed; metadata and numpy readers take int64
 # image sides of each family, known before any weight loads: the VAE's downsampling (SDXL's pipeline
 # demands 8), FLUX's also packs 2 x 2 latents; a loaded backend reads its own (see ``image_sides``)
 SIDE_MULTIPLES = {"sdxl": 8, "flux": 16}
-
-
-def check_offload(mode: str) -> None:
-    """Raise ValueError naming ``mode`` unless it is one of :data:`OFFLOAD_MODES`."""
-    if mode not in OFFLOAD_MODES:
-        raise ValueError(f"unknown offload mode {mode!r}; valid modes: {', '.join(OFFLOAD_MODES)}")
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from img_guidance.backends.base import OffloadMode, check_offload
 from img_guidance.guidance.base import GuidanceModel, GuidanceOutput
 from img_guidance.guidance.prompts import build_example, build_prompt, check_format
 from img_guidance.hub import pretrained_location
+from img_guidance.offload import OffloadMode, check_offload
 from img_guidance.precision import DTYPE_NAMES
 
 if TYPE_CHECKING:

@@ -129,6 +129,10 @@ def _fix_relation(
     return None, None, 0
 
 
+def _canonical(spec: SceneSpec, size: int) -> Correction:
+    return Correction(layout(spec, seed=CANONICAL_SEED, size=size), 0)
+
+
 def corrected_layout(
     found: Sequence[DetectedObject] | None,
     spec: SceneSpec | str,
@@ -140,9 +144,8 @@ def corrected_layout(
     spec = as_scene(spec)
     found = list(found or ())
     slots = [(o.shape, o.colour) for o in spec.objects for _ in range(o.count)]
-    canonical = Correction(layout(spec, seed=CANONICAL_SEED, size=size), 0)
     if not found or len(found) > _MAX_FOUND:
-        return canonical
+        return _canonical(spec, size)
 
     # 1. Match; a kept place must keep the spacing rules with the objects kept before it
     matched = _match(found, slots)
@@ -166,7 +169,7 @@ def corrected_layout(
 
     # 4. Only a layout the judge reads as right; else the canonical one
     if len(placed) != len(slots) or judge(draw(placed, size=size), spec).correct is not True:
-        return canonical
+        return _canonical(spec, size)
     return Correction(placed, kept)
 
 
