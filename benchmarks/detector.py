@@ -565,15 +565,13 @@ def measure_training(*, steps: int, batch_size: int = 4) -> list[dict]:
     width 32, 28 px images, character-level tokenizer: about 300 tokens per sample) and a tiny
     InstructPix2Pix parquet, full and LoRA; report the recipe's own samples/s over the steps after
     the first (data reading, preprocessing, forward, backward and optimizer step included)."""
-    import sys
     import tempfile
     import time
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from img_guidance.recipes.finetune_detector import FinetuneConfig, finetune
-    from tests.factories.llava import make_tiny_llava
-    from tests.factories.triplets import TripletRow, solid, write_instructpix2pix_parquet
+    from img_guidance.testing.llava import make_tiny_llava
+    from img_guidance.testing.triplets import TripletRow, solid, write_instructpix2pix_parquet
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,8 +35,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------
 # Published config values (facts, written out so that nothing is downloaded)
@@ -234,11 +231,10 @@ def imagereward_row() -> Row:
 
 def tiny_scorers(tmp: Path) -> dict[str, object]:
     """Every scorer loaded from tiny random weights written under ``tmp`` (see the module docstring)."""
-    sys.path.insert(0, str(ROOT))
     from img_guidance.eval.scorers import load_scorer
-    from tests.factories.clip import make_tiny_clip
-    from tests.factories.imagereward import imagereward_state_dict
-    from tests.factories.tokenizers import bert_tokenizer
+    from img_guidance.testing.clip import make_tiny_clip
+    from img_guidance.testing.imagereward import imagereward_state_dict
+    from img_guidance.testing.tokenizers import bert_tokenizer
 
     clip = str(make_tiny_clip(tmp / "clip"))
     tokenizer = bert_tokenizer()

@@ -1214,15 +1214,13 @@ def tiny_wallclock(repeats: int) -> dict:
     guidance, encoding, 3 aligner passes, re-generation). Tiny models make the MLLM and the aligner
     relatively far cheaper or dearer than at real size: the FLOP table above is the real-size answer.
     """
-    import sys
     import tempfile
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from img_guidance import ImplicitAligner
     from img_guidance.pipeline import IMGPipeline
-    from tests.factories.llava import HIDDEN_SIZE, make_tiny_llava
-    from tests.factories.sdxl import make_tiny_sdxl
+    from img_guidance.testing.llava import HIDDEN_SIZE, make_tiny_llava
+    from img_guidance.testing.sdxl import make_tiny_sdxl
 
     with tempfile.TemporaryDirectory() as tmp:
         sdxl_paths = make_tiny_sdxl(Path(tmp) / "sdxl")

@@ -51,7 +51,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 OTHER_SEED_OFFSET = 500_000
 IP_SCALES = (0.2, 0.5, 1.0, 1.5)  # the IMG-at-IP-scale ablations: these, less the run's own scale
 
@@ -80,7 +79,7 @@ def ablation_aligner(
     run: Path, name: str, *, guidance: str, lam: float, terms: list[str], log, k: int | None = None
 ) -> Path:
     """The aligner of one ablation, trained on first use with the shipped recipe's settings."""
-    from img_guidance.shapes.train_all import ShapesRecipe, train_aligner_on
+    from img_guidance.recipes.train_shapes import ShapesRecipe, train_aligner_on
 
     final = run / "ablations" / name / "final"
     if final.is_dir():
@@ -96,7 +95,7 @@ def ablation_aligner(
 
 def guidance_model(run: Path, guidance: str):
     from img_guidance.guidance import load_guidance
-    from img_guidance.shapes.text_guidance import TextEmbeddingGuidance
+    from img_guidance.guidance.text import TextEmbeddingGuidance
 
     if guidance == "text":
         return TextEmbeddingGuidance.from_pretrained(run / "generator")
@@ -110,7 +109,7 @@ def features_for(run: Path, guidance: str, recipe, log) -> Path:
     from img_guidance.backends.shapes import ShapesBackend
     from img_guidance.features.extract import extract_features
     from img_guidance.guidance.questions import QUESTIONS
-    from img_guidance.shapes.text_guidance import PROMPT_ONLY
+    from img_guidance.guidance.text import PROMPT_ONLY
 
     out = run / "ablations" / f"features_{guidance}"
     if (out / "manifest.json").is_file():
@@ -153,7 +152,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--chart", type=Path, help="a PNG of per-category accuracy (needs matplotlib)")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
 
     import torch
 
@@ -161,12 +159,12 @@ def main(argv: list[str] | None = None) -> dict:
     from img_guidance.backends.shapes import ShapesBackend
     from img_guidance.eval.stats import compare_paired
     from img_guidance.guidance.questions import QUESTIONS
+    from img_guidance.guidance.text import PROMPT_ONLY
     from img_guidance.pipeline import IMGPipeline
     from img_guidance.shapes.correct import nearest_correct_render
     from img_guidance.shapes.grammar import describe
     from img_guidance.shapes.judge import Report, failure_counts, failure_markdown, judge, win_tie_loss
     from img_guidance.shapes.scoring import report_dict
-    from img_guidance.shapes.text_guidance import PROMPT_ONLY
     from img_guidance.shapes.train_generator import oracle_render
 
     def log(line: str) -> None:

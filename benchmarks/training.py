@@ -16,12 +16,10 @@ Pick-a-Pic training pairs.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 PICKAPIC_PAIRS = 851_000
 
 
@@ -51,16 +49,15 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    sys.path.insert(0, str(ROOT))
     from img_guidance.backends import load_image_encoder
     from img_guidance.features.cache import FeatureCache, collate_features
     from img_guidance.features.extract import OnlineFeatures, extract_features
     from img_guidance.guidance import load_guidance
     from img_guidance.recipes.config import build_config
     from img_guidance.recipes.train_aligner import TrainConfig, train
-    from tests.factories.llava import make_tiny_llava
-    from tests.factories.pairs import PickapicRow, write_pickapic_parquet
-    from tests.factories.sdxl import make_tiny_sdxl
+    from img_guidance.testing.llava import make_tiny_llava
+    from img_guidance.testing.pairs import PickapicRow, write_pickapic_parquet
+    from img_guidance.testing.sdxl import make_tiny_sdxl
 
     colours = ("red", "green", "blue", "yellow", "white", "black")
     print(f"# training benchmark: torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)

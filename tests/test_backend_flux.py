@@ -1,4 +1,4 @@
-"""FluxBackend on a tiny random FLUX pipeline with an XLabs-format IP-Adapter (tests/factories/flux.py);
+"""FluxBackend on a tiny random FLUX pipeline with an XLabs-format IP-Adapter (img_guidance.testing.flux);
 the contract every backend keeps is tested in tests/backend_contract.py."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from img_guidance.backends.base import GenerationDefaults
+from img_guidance.testing.flux import make_tiny_flux
 from tests.backend_contract import BackendContractTests, ForwardCounter, pixels
-from tests.factories.flux import make_tiny_flux
 
 SAMPLING = dict(steps=2, height=32, width=32)
 PROMPTS = ["a red cube on a table", "two blue balls"]

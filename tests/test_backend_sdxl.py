@@ -1,4 +1,4 @@
-"""SDXLBackend on a tiny random SDXL + IP-Adapter-Plus written to disk (tests/factories/sdxl.py); the
+"""SDXLBackend on a tiny random SDXL + IP-Adapter-Plus written to disk (src/img_guidance/testing/sdxl.py); the
 contract every backend keeps is tested in tests/backend_contract.py."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 
 from img_guidance.backends.base import GenerationDefaults
 from img_guidance.backends.sdxl import PAPER_DEFAULTS, SDXLBackend
+from img_guidance.testing.sdxl import IMAGE_SIZE, make_tiny_sdxl
 from tests.backend_contract import BackendContractTests, pixels
-from tests.factories.sdxl import IMAGE_SIZE, make_tiny_sdxl
 
 SAMPLING = dict(steps=2, height=IMAGE_SIZE, width=IMAGE_SIZE)  # CFG 7.5 from the paper's defaults
 

@@ -1,4 +1,4 @@
-"""ShapesBackend on a tiny untrained ShapesWorld model (tests/factories/shapes.py): the contract every
+"""ShapesBackend on a tiny untrained ShapesWorld model (img_guidance.testing.shapes): the contract every
 backend keeps (tests/backend_contract.py) and the shapes family's own rules, a grammar and one image
 size. The model itself is tested in tests/test_shapes_models.py."""
 
@@ -12,8 +12,8 @@ from img_guidance.backends import check_request
 from img_guidance.backends.base import ImageSides
 from img_guidance.backends.shapes import ShapesBackend
 from img_guidance.shapes.render import render
+from img_guidance.testing.shapes import make_tiny_shapes
 from tests.backend_contract import BackendContractTests, pixels
-from tests.factories.shapes import make_tiny_shapes
 
 SAMPLING = dict(steps=3)
 PROMPTS = ("a red circle", "two blue squares")

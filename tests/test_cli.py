@@ -77,7 +77,7 @@ def test_demo_runs_img_on_shapesworld_with_the_shipped_models(tmp_path):
     assert outcomes["wins"] + outcomes["ties"] + outcomes["losses"] == 16
     assert outcomes["wins"] == sum(r["img"] == "win" for r in rows)
     # the IP scale the shipped run chose on validation
-    from img_guidance.shapes.train_all import WEIGHTS
+    from img_guidance.recipes.train_shapes import WEIGHTS
 
     chosen = json.loads((WEIGHTS / "generator" / "ip_scale.json").read_text())["ip_scale"]
     assert set(data["models"]) == {"backend", "guidance", "aligner"} and data["ip_scale"] == chosen
@@ -99,7 +99,7 @@ def test_demo_grid_wraps_the_detector_answer_beside_the_images():
     import numpy as np
     from PIL import Image
 
-    from img_guidance.shapes.demo import demo_grid
+    from img_guidance.demo import demo_grid
 
     verdict = {"correct": True, "score": 1.0}
     row = {
@@ -133,7 +133,7 @@ def test_demo_grid_wraps_the_detector_answer_beside_the_images():
 
 
 def test_the_shipped_models_are_what_train_all_makes():
-    from img_guidance.shapes.train_all import WEIGHTS, ShapesRecipe
+    from img_guidance.recipes.train_shapes import WEIGHTS, ShapesRecipe
 
     report = json.loads((WEIGHTS / "train_all.json").read_text())
     recipe = json.loads(json.dumps(dataclasses.asdict(ShapesRecipe())))

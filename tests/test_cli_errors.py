@@ -187,7 +187,7 @@ def test_a_prompt_file_with_one_bad_line_writes_nothing(tmp_path):
 
 
 def test_sdxl_sides_and_seeds_are_checked_before_loading(tmp_path):
-    from tests.factories.sdxl import make_tiny_sdxl
+    from img_guidance.testing.sdxl import make_tiny_sdxl
 
     model = make_tiny_sdxl(tmp_path / "sdxl")["model"]
     out = tmp_path / "out"

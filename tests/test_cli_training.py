@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from img_guidance import load_aligner
 from img_guidance.cli import app
-from tests.factories.llava import HIDDEN_SIZE, make_tiny_llava
-from tests.factories.pairs import TIE, PickapicRow, write_pickapic_parquet
-from tests.factories.sdxl import make_tiny_sdxl
+from img_guidance.testing.llava import HIDDEN_SIZE, make_tiny_llava
+from img_guidance.testing.pairs import TIE, PickapicRow, write_pickapic_parquet
+from img_guidance.testing.sdxl import make_tiny_sdxl
 
 runner = CliRunner()
 

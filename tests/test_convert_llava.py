@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from img_guidance.guidance import LlavaGuidance, convert_llava, load_guidance
 from img_guidance.guidance.convert_llava import original_to_hub_name
-from tests.factories.llava import (
+from img_guidance.testing.llava import (
     HIDDEN_SIZE,
     IMAGE_TOKENS,
     clip_vision_config,

@@ -1,13 +1,8 @@
 """benchmarks/detector.py: parameter counts at real size, the LoRA count, the memory model, the report."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "detector.py"
 
 # Vicuna-7B: 32 layers, h = 4096, f = 11008; r = 128 on q, k, v, o (h -> h) and gate, up, down (h <-> f)
 LORA_7B = 32 * 128 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
@@ -15,14 +10,9 @@ LORA_7B = 32 * 128 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
 
 @pytest.fixture(scope="module")
 def detector():
-    spec = importlib.util.spec_from_file_location("detector", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    from benchmarks import detector
+
+    return detector
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 from img_guidance import ImplicitAligner
 from img_guidance.cli import app
 from img_guidance.pipeline import IMGPipeline
-from tests.factories.flux import make_tiny_flux
-from tests.factories.llava import HIDDEN_SIZE, make_tiny_llava
-from tests.factories.sdxl import make_tiny_sdxl
+from img_guidance.testing.flux import make_tiny_flux
+from img_guidance.testing.llava import HIDDEN_SIZE, make_tiny_llava
+from img_guidance.testing.sdxl import make_tiny_sdxl
 
 SAMPLING = dict(steps=2, height=32, width=32)
 

@@ -17,7 +17,7 @@ from img_guidance.eval.harness import compare, read_folder, score_folder, summar
 from img_guidance.eval.scorers import SCORERS, load_scorer
 from img_guidance.eval.stats import bootstrap_mean_interval
 from img_guidance.shapes.render import render
-from tests.factories.clip import make_tiny_clip
+from img_guidance.testing.clip import make_tiny_clip
 
 runner = CliRunner()
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from img_guidance.eval.scorers import load_scorer
-from tests.factories.tokenizers import clip_tokenizer
+from img_guidance.testing.tokenizers import clip_tokenizer
 
 WIDTH, HEADS, LAYERS, DIM, PATCH, GRID, CONTEXT = 128, 2, 2, 32, 8, 4, 77
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)

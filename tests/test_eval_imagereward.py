@@ -16,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from img_guidance.eval.scorers import load_scorer
-from tests.factories.imagereward import (
+from img_guidance.testing.imagereward import (
     GRID,
     HEAD_LAYERS,
     PATCH,
@@ -26,7 +26,7 @@ from tests.factories.imagereward import (
     VISION_WIDTH,
     imagereward_state_dict,
 )
-from tests.factories.tokenizers import bert_tokenizer
+from img_guidance.testing.tokenizers import bert_tokenizer
 
 HEAD_WIDTH = 64
 IMAGE_SIZE = GRID * PATCH
@@ -207,7 +207,7 @@ def test_imagereward_from_the_original_checkpoint_equals_the_reference(checkpoin
 
 
 def test_bad_imagereward_weights_are_named_in_one_line(checkpoint, tmp_path, monkeypatch):
-    from tests.factories.clip import make_tiny_clip
+    from img_guidance.testing.clip import make_tiny_clip
 
     root, _ = checkpoint
     monkeypatch.setenv("IMG_GUIDANCE_CACHE", str(tmp_path / "cache"))

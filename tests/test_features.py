@@ -1,5 +1,5 @@
 """The feature stage (img_guidance.features.extract) and the encoder-only image-token path, on tiny
-random models (tests/factories) and a tiny Pick-a-Pic parquet."""
+random models (src/img_guidance/testing) and a tiny Pick-a-Pic parquet."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from img_guidance.features.cache import MANIFEST, FeatureCache, shard_path, side
 from img_guidance.features.extract import OnlineFeatures, extract_features, run_features
 from img_guidance.guidance.llava import LlavaGuidance
 from img_guidance.guidance.questions import choose_question, fill
-from tests.factories.llava import HIDDEN_SIZE, make_tiny_llava
-from tests.factories.pairs import PREFER_1, TIE, PickapicRow, write_pickapic_parquet
-from tests.factories.sdxl import make_tiny_sdxl
+from img_guidance.testing.llava import HIDDEN_SIZE, make_tiny_llava
+from img_guidance.testing.pairs import PREFER_1, TIE, PickapicRow, write_pickapic_parquet
+from img_guidance.testing.sdxl import make_tiny_sdxl
 
 SEED = 3
 ROWS_PER_SHARD = 3
@@ -145,7 +145,7 @@ def test_sdxl_encoder_only_tokens_equal_the_backend(tiny, dtype):
 
 def test_flux_encoder_only_tokens_equal_the_backend(tmp_path):
     from img_guidance.backends.flux import FluxBackend, FluxImageEncoder
-    from tests.factories.flux import make_tiny_flux
+    from img_guidance.testing.flux import make_tiny_flux
 
     flux = make_tiny_flux(tmp_path)
     locations = dict(ip_adapter=flux["ip_adapter"], image_encoder=flux["image_encoder"], device="cpu")

@@ -26,8 +26,8 @@ from img_guidance.recipes.finetune_detector import (
     prepare_model,
     token_f1,
 )
-from tests.factories.llava import make_tiny_llava
-from tests.factories.triplets import TripletRow, solid, write_instructpix2pix_parquet
+from img_guidance.testing.llava import make_tiny_llava
+from img_guidance.testing.triplets import TripletRow, solid, write_instructpix2pix_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 20)]
@@ -247,7 +247,7 @@ def test_the_configs_carry_llava_recipe_defaults():
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen_models_finetune_in_their_chat_format(data, tmp_path, family):
-    from tests.factories.qwen import make_tiny_qwen
+    from img_guidance.testing.qwen import make_tiny_qwen
 
     qwen = make_tiny_qwen(tmp_path / "qwen", family=family)
     common = dict(method="lora", lora_r=4, lora_alpha=8, val_rows=2, max_steps=2, eval_max_new_tokens=3)

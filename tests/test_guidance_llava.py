@@ -15,7 +15,7 @@ from img_guidance.guidance.prompts import (
     clean_answer,
 )
 from img_guidance.presets import GUIDANCE_PRESETS, GuidancePreset
-from tests.factories.llava import HIDDEN_SIZE, IMAGE_TOKENS, make_tiny_llava
+from img_guidance.testing.llava import HIDDEN_SIZE, IMAGE_TOKENS, make_tiny_llava
 
 QUESTION = "How should this image change to match the intended prompt: a red cube?"
 OTHER = "What is wrong?"

@@ -5,7 +5,7 @@ from PIL import Image
 from img_guidance.guidance import QwenGuidance, load_guidance
 from img_guidance.guidance.prompts import build_example, build_prompt
 from img_guidance.guidance.qwen import QwenImageTextProcessor
-from tests.factories.qwen import HIDDEN_SIZE, SQUARE_IMAGE_TOKENS, make_tiny_qwen
+from img_guidance.testing.qwen import HIDDEN_SIZE, SQUARE_IMAGE_TOKENS, make_tiny_qwen
 
 QUESTION = "How should this image change to match the intended prompt: two blue spheres?"
 OTHER = "What is wrong?"

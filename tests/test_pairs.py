@@ -12,7 +12,7 @@ import pytest
 
 from img_guidance.data import pairs
 from img_guidance.data.pairs import PairStats, count_rows, iter_pairs
-from tests.factories.pairs import (
+from img_guidance.testing.pairs import (
     PREFER_0,
     PREFER_1,
     TIE,

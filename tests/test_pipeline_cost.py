@@ -1,24 +1,13 @@
 """The pure helpers of benchmarks/pipeline_cost.py (the benchmark itself runs outside the suite)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline_cost.py"
 
 
 @pytest.fixture(scope="module")
 def cost():
-    spec = importlib.util.spec_from_file_location("pipeline_cost", PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    from benchmarks import pipeline_cost
+
+    return pipeline_cost
 
 
 def test_qwen_image_grid_follows_the_processor_resize(cost):

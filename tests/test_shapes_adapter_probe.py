@@ -1,6 +1,5 @@
 """benchmarks/shapes_adapter_probe.py runs end to end on a tiny UNet and reports every row."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,11 +7,9 @@ import torch
 
 
 def load_probe():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_adapter_probe.py"
-    spec = importlib.util.spec_from_file_location("shapes_adapter_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    return probe
+    from benchmarks import shapes_adapter_probe
+
+    return shapes_adapter_probe
 
 
 def test_the_probe_trains_jointly_and_reports_the_oracle_rows(tmp_path):

@@ -163,6 +163,31 @@ def test_correction_pairs_of_right_images_are_empty():
     assert rows == [] and counts == CorrectionCounts(prompts=1, images=1, right=1)
 
 
+def test_redraw_right_puts_every_right_image_against_its_own_redraw(tmp_path):
+    """With ``redraw_right`` the wrong images give the same rows as without it, and every right
+    image one more: against the render of the scene it shows, every object where it was."""
+    scenes = [parse(p) for p in PAIR_SCENES]
+    draws = {seed: scene for i in range(4) for seed, scene in zip(pair_seeds(i), PAIR_DRAWS[i], strict=True)}
+    plain, plain_counts = make_correction_pairs(FakeGenerator(draws), scenes, generations=4, seeds=pair_seeds)
+    rows, counts = make_correction_pairs(
+        FakeGenerator(draws), scenes, generations=4, seeds=pair_seeds, redraw_right=True
+    )
+    assert counts.redraws == counts.right == plain_counts.right > 0 and plain_counts.redraws == 0
+    assert counts.pairs == plain_counts.pairs and len(rows) == counts.pairs + counts.redraws
+    assert [r for r in rows if r in plain] == plain  # the corrections unchanged, in order
+    pairs = iter_pairs(write_pairs(tmp_path / "pairs.parquet", rows))
+    redraws = [pair for pair in pairs if judge(pair.unpreferred, pair.prompt).correct]
+    assert len(redraws) == counts.redraws
+    for pair in redraws:
+        before, after = judge(pair.unpreferred, pair.prompt), judge(pair.preferred, pair.prompt)
+        assert after.correct is True and len(after.objects) == len(before.objects)
+        for old, new in zip(
+            sorted(before.objects, key=lambda o: o.cx), sorted(after.objects, key=lambda o: o.cx), strict=True
+        ):
+            assert (old.shape, old.colour) == (new.shape, new.colour)
+            assert abs(old.cx - new.cx) < 1.5 and abs(old.cy - new.cy) < 1.5
+
+
 @pytest.mark.parametrize(
     ("generations", "seeds", "match"),
     [

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from img_guidance.aligner import load_aligner
 from img_guidance.data.pairs import iter_pairs
 from img_guidance.guidance import load_guidance
-from img_guidance.shapes.train_all import STAGES, ShapesRecipe, install, train_all
+from img_guidance.recipes.train_shapes import STAGES, ShapesRecipe, install, train_all
 
 
 def render_or_miss(self, prompts, seeds, **kwargs):
@@ -44,8 +44,8 @@ def test_every_stage_runs_and_records_its_time(run):
     assert list(report["stages"]) == list(STAGES)
     assert all(stage["seconds"] > 0 for stage in report["stages"].values())
     pairs = list(iter_pairs(run / "data" / "pairs.parquet"))
-    assert len(pairs) == report["stages"]["pairs"]["result"]["pairs"]
-    assert report["stages"]["pairs"]["result"]["prompts"] == 24
+    counts = report["stages"]["pairs"]["result"]
+    assert len(pairs) == counts["pairs"] + counts["redraws"] and counts["prompts"] == 24
     detector = load_guidance(run / "detector")
     assert detector.prompt_format == "llava_v0" and detector.hidden_size == 64
     aligner = load_aligner(run / "aligner")
@@ -66,11 +66,15 @@ def test_the_pairs_stage_writes_corrections_and_checks_its_method(run):
     from img_guidance.shapes.judge import judge
 
     counts = json.loads((run / "train_all.json").read_text())["stages"]["pairs"]["result"]
-    # the stand-in draws the prompt on odd seeds, a near miss on even ones: half the images are wrong
+    # the stand-in draws the prompt on odd seeds, a near miss on even ones: half the images are wrong,
+    # each against its correction; the right half each against its redraw (pair_redraw_right)
     assert counts["images"] == 48 and counts["right"] == 24 and counts["pairs"] == 24
+    assert counts["redraws"] == 24
+    unpreferred_right = []
     for pair in iter_pairs(run / "data" / "pairs.parquet"):
         assert judge(pair.preferred, pair.prompt).correct is True
-        assert judge(pair.unpreferred, pair.prompt).correct is False
+        unpreferred_right.append(judge(pair.unpreferred, pair.prompt).correct)
+    assert sorted(unpreferred_right) == [False] * 24 + [True] * 24
     with pytest.raises(ValueError, match=r"pair_method must be one of .*'correction'.*got 'best'"):
         ShapesRecipe(pair_method="best")
 
@@ -79,9 +83,9 @@ def test_the_ip_scale_is_chosen_on_validation_and_the_backend_takes_it(run, tmp_
     import shutil
 
     from img_guidance.backends.shapes import ShapesBackend
+    from img_guidance.recipes.train_shapes import choose_ip_scale
     from img_guidance.shapes.grammar import parse
     from img_guidance.shapes.render import render
-    from img_guidance.shapes.train_all import choose_ip_scale
 
     # in the run, every scale drew alike (the stand-in generator ignores tokens): the smaller wins
     chosen = json.loads((run / "generator" / "ip_scale.json").read_text())
@@ -154,7 +158,7 @@ def test_the_models_run_as_an_img_pipeline_and_the_judge_scores_generate(run, tm
 
 
 def test_text_embedding_guidance_reads_the_prompt(run):
-    from img_guidance.shapes.text_guidance import TextEmbeddingGuidance
+    from img_guidance.guidance.text import TextEmbeddingGuidance
 
     guidance = TextEmbeddingGuidance.from_pretrained(run / "generator")
     out = guidance.guide([None, None], ["a red circle", "two blue squares"])
@@ -180,13 +184,8 @@ def test_the_shapes_preset_and_demo_say_how_to_get_missing_weights(tmp_path, mon
 
 
 def test_the_benchmark_runs_every_system_on_a_finished_run(run, tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
+    from benchmarks import shapes_eval as module
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes_eval.py"
-    spec = importlib.util.spec_from_file_location("shapes_eval", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     args = ["--run", str(run), "--split", "validation", "--per-category", "1", "--seeds", "2"]
     out = module.main([*args, "--json", str(tmp_path / "eval.json"), "--chart", str(tmp_path / "eval.png")])
     systems = out["systems"]

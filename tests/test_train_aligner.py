@@ -276,7 +276,7 @@ class FakeGuidance:
 def test_online_config_trains_on_online_features(tmp_path, monkeypatch, capsys):
     import img_guidance.backends
     import img_guidance.guidance
-    from tests.factories.pairs import JsonlPair, write_pairs_jsonl
+    from img_guidance.testing.pairs import JsonlPair, write_pairs_jsonl
 
     loaded = []
 

@@ -15,8 +15,13 @@ from img_guidance.data.triplets import (
     count_triplet_rows,
     iter_triplets,
 )
-from tests.factories.pairs import GARBAGE, encode_image, is_colour
-from tests.factories.triplets import TripletRow, solid, write_instructpix2pix_parquet, write_triplets_jsonl
+from img_guidance.testing.pairs import GARBAGE, encode_image, is_colour
+from img_guidance.testing.triplets import (
+    TripletRow,
+    solid,
+    write_instructpix2pix_parquet,
+    write_triplets_jsonl,
+)
 from tests.test_pairs import _fake_dataset_cache
 
 

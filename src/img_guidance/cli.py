@@ -40,6 +40,21 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=1)
 
 
+# the modules of the train extra that the training commands import, and the names pip installs them by
+TRAIN_MODULES = ("yaml", "pyarrow", "tensorboard")
+PACKAGE_NAMES = {"yaml": "pyyaml"}
+
+
+def _require(modules: tuple[str, ...], extra: str, purpose: str) -> None:
+    """One line naming what is missing when ``purpose`` needs modules of an extra that is not
+    installed: said before anything loads, instead of a traceback halfway through."""
+    import importlib.util
+
+    missing = [PACKAGE_NAMES.get(m, m) for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise fail(f'{purpose} needs {", ".join(missing)}: pip install "img-guidance[{extra}]"')
+
+
 def _version(value: bool) -> None:
     if value:
         from img_guidance import __version__
@@ -66,8 +81,8 @@ def demo(
     answer about each initial image, the initial and calibrated images side by side with the judge's
     verdicts, in OUT/demo.png and OUT/demo.json.
     """
+    from img_guidance.demo import run_demo
     from img_guidance.outputs import check_writable
-    from img_guidance.shapes.demo import run_demo
 
     if out.exists() and not out.is_dir():
         raise fail(f"--out {out} exists and is not a folder")
@@ -550,6 +565,7 @@ def features(
     and the seed) and the IP tokens of both images. Reruns skip finished shards; runs under
     `accelerate launch` with one set of shards per process.
     """
+    _require(("pyarrow",), "train", "img-guidance features")
     from img_guidance.features.extract import run_features
 
     run_device = resolve_device(device)
@@ -594,6 +610,7 @@ def train(ctx: typer.Context, config: Annotated[Path, typer.Argument(help="YAML 
     Any config value can be overridden (lr=3e-4 terms=\\[dpo]). Several GPUs:
     accelerate launch -m img_guidance.recipes.train_aligner CONFIG ...
     """
+    _require(TRAIN_MODULES, "train", "img-guidance train")
     from img_guidance.recipes.train_aligner import main as train_main
 
     code = train_main([str(config), *ctx.args])
@@ -614,6 +631,7 @@ def finetune_detector(
     Any config value can be overridden (method=lora lr=2e-4). Several GPUs:
     accelerate launch -m img_guidance.recipes.finetune_detector CONFIG ...
     """
+    _require((*TRAIN_MODULES, "peft"), "train", "img-guidance finetune-detector")
     from img_guidance.recipes.finetune_detector import main as finetune_main
 
     code = finetune_main([str(config), *ctx.args])
@@ -708,8 +726,9 @@ def shapes_train_all(
     """Reproduce ShapesWorld's models from nothing: generator and adapter, detector (finetuned by
     the detector recipe), preference pairs, features and aligner (the aligner recipe). A rerun into
     OUT skips finished stages; OUT/train_all.json records each stage's seconds and results."""
-    from img_guidance.shapes.train_all import ShapesRecipe, train_all
-    from img_guidance.shapes.train_all import install as install_models
+    _require(TRAIN_MODULES, "train", "img-guidance shapes train-all")
+    from img_guidance.recipes.train_shapes import ShapesRecipe, train_all
+    from img_guidance.recipes.train_shapes import install as install_models
 
     recipe = ShapesRecipe.quick(seed) if quick else ShapesRecipe(seed=seed)
     try:
@@ -899,6 +918,8 @@ def eval_run(
 ) -> None:
     """Generate a benchmark's prompts with the base model and with IMG (as generate does, into OUT,
     resumable), then score them (as eval score does)."""
+    if benchmark == "pickapic-test":  # a parquet file
+        _require(("pyarrow",), "eval", f"img-guidance eval run {benchmark}")
     from img_guidance.eval.benchmarks import get_benchmark
     from img_guidance.eval.scorers import check_scorer_names
 

@@ -267,6 +267,12 @@ def _load_adapter(
         )
     if not is_local(base) and os.path.isabs(base):
         raise FileNotFoundError(f"the base model of the adapter {location} is missing: {base} does not exist")
+    try:  # before the base model loads
+        from peft import PeftModel
+    except ImportError:
+        raise ImportError(
+            f'{location} is a LoRA adapter folder, which needs peft: pip install "img-guidance[train]"'
+        ) from None
     guidance = load_guidance(
         base,
         prompt_format=prompt_format,
@@ -275,7 +281,6 @@ def _load_adapter(
         quantization=quantization,
         convert_original=convert_original,
     )
-    from peft import PeftModel
 
     path, subfolder = pretrained_location(location)
     where = {"subfolder": subfolder} if subfolder else {}

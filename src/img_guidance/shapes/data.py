@@ -127,12 +127,14 @@ class PairCounts:
 
 @dataclass
 class CorrectionCounts:
-    """What :func:`make_correction_pairs` made: ``images == pairs + right``."""
+    """What :func:`make_correction_pairs` made: ``images == pairs + right``; the rows are
+    ``pairs + redraws``."""
 
     prompts: int = 0  # scenes generated for
     images: int = 0  # generations judged (``generations`` per prompt)
     pairs: int = 0  # rows: a wrong image against its correction
-    right: int = 0  # images judged right: nothing to correct, no row
+    right: int = 0  # images judged right: nothing to correct
+    redraws: int = 0  # rows: a right image against its own redraw (``redraw_right``)
     kept_objects: int = 0  # objects of the wrong images that kept their place in the correction
     fresh_layouts: int = 0  # corrections that kept nothing: the scene's canonical layout
 
@@ -237,12 +239,15 @@ def make_correction_pairs(
     seed: int = 0,
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    redraw_right: bool = False,
 ) -> tuple[list[dict[str, Any]], CorrectionCounts]:
     """``generations`` images per scene, generated and judged as in :func:`make_pairs`; every image
     not judged right gives a row (Pick-a-Pic schema): the image against the render of its nearest
     correct scene (:func:`~img_guidance.shapes.correct.corrected_layout`: its mistakes fixed, the
-    rest kept), which is preferred. Which side the correction takes is a seeded coin (``seed``, the
-    scene and the generation index)."""
+    rest kept), which is preferred. With ``redraw_right``, every image judged right gives a row too:
+    the image against the render of the scene it shows (every object kept where it is), so that the
+    aligner also learns to leave a right image as it is. Which side the preferred image takes is a
+    seeded coin (``seed``, the scene and the generation index)."""
     from img_guidance.shapes.correct import corrected_layout
     from img_guidance.shapes.render import draw
 
@@ -254,20 +259,25 @@ def make_correction_pairs(
         counts.prompts += 1
         for k, (image, verdict) in enumerate(zip(scene_images, verdicts, strict=True)):
             counts.images += 1
-            if verdict.correct is True:
-                counts.right += 1
+            right = verdict.correct is True
+            counts.right += right
+            if right and not redraw_right:
                 continue
             found = verdict.objects if verdict.readable else None
+            # a right image's correction keeps every object: its redraw
             fix = corrected_layout(found, scenes[i], size=image.width)
-            counts.kept_objects += fix.kept
-            counts.fresh_layouts += fix.kept == 0
             fixed = png_bytes(draw(fix.objects, size=image.width))
             generated = png_bytes(image)
             if np.random.default_rng([seed, i, k]).random() < 0.5:
                 rows.append(_pair_row(prompt, fixed, generated, (1.0, 0.0), i))
             else:
                 rows.append(_pair_row(prompt, generated, fixed, (0.0, 1.0), i))
-            counts.pairs += 1
+            if right:
+                counts.redraws += 1
+            else:
+                counts.pairs += 1
+                counts.kept_objects += fix.kept
+                counts.fresh_layouts += fix.kept == 0
     return rows, counts
 
 

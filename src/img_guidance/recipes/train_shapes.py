@@ -11,7 +11,8 @@
 3. ``pairs``: ``pair_generations`` generations per training prompt, judged, in the Pick-a-Pic
    schema (``OUT/data/pairs.parquet``). ``pair_method="correction"`` (the default): every image not
    judged right against the render of its nearest correct scene, its mistakes fixed and the rest kept
-   (:func:`~img_guidance.shapes.data.make_correction_pairs`); ``"best-worst"``: a prompt's best image
+   (:func:`~img_guidance.shapes.data.make_correction_pairs`), and with ``pair_redraw_right`` every
+   image judged right against its own redraw; ``"best-worst"``: a prompt's best image
    against its worst, prompts whose images all score alike giving no pair
    (:func:`~img_guidance.shapes.data.make_pairs`).
 4. ``features``: the project's feature stage (:func:`~img_guidance.features.extract.extract_features`)
@@ -41,8 +42,9 @@ from pathlib import Path
 from typing import Any
 
 from img_guidance.outputs import write_json_atomic
+from img_guidance.presets import SHAPES_WEIGHTS
 
-WEIGHTS = Path(__file__).resolve().parent / "weights"
+WEIGHTS = SHAPES_WEIGHTS  # the package's ShapesWorld models, where the demo and presets find them
 MODELS = ("generator", "detector", "aligner")
 STAGES = ("generator", "detector", "pairs", "features", "aligner", "ip_scale")
 PAIR_SEED_OFFSET = 1_000_000  # pair generations use seeds no benchmark uses
@@ -81,6 +83,9 @@ class ShapesRecipe:
     # "best-worst": the best against the worst of a prompt's images (the aligner shipped before the
     # correction pairs, until 2026-12-05)
     pair_method: str = "correction"
+    # "correction" only: every image judged right also against its own redraw (the render of the
+    # scene it shows), so that the aligner learns to keep what is right (False until 2026-12-05)
+    pair_redraw_right: bool = True
     # aligner (stage 5)
     aligner_depth: int = 2
     aligner_heads: int = 4
@@ -340,7 +345,9 @@ def stage_pairs(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -> 
     }
     generate = lambda prompts, seeds: backend.generate(prompts, seeds)  # noqa: E731
     if recipe.pair_method == "correction":
-        rows, counts = make_correction_pairs(generate, scenes, seed=recipe.seed, **options)
+        rows, counts = make_correction_pairs(
+            generate, scenes, seed=recipe.seed, redraw_right=recipe.pair_redraw_right, **options
+        )
         empty = f"every one of the {counts.images} images was judged right: no correction to learn from"
     else:
         rows, counts = make_pairs(generate, scenes, **options)

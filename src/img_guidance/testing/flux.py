@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.factories.tokenizers import clip_tokenizer, t5_tokenizer
+from img_guidance.testing.tokenizers import clip_tokenizer, t5_tokenizer
 
 # The real model: 4 IP tokens of 4096 (= joint_attention_dim), CLIP ViT-L/14 image_embeds of 768,
 # transformer inner dim 3072. The tiny one keeps the relations between them.

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tests.factories.tokenizers import clip_tokenizer
+from img_guidance.testing.tokenizers import clip_tokenizer
 
 TEXT_WIDTH = 32  # each text encoder; the UNet attends to both, concatenated: 64
 CROSS_ATTENTION_DIM = 2 * TEXT_WIDTH

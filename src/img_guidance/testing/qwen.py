@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tests.factories.tokenizers import llama_tokenizer
+from img_guidance.testing.tokenizers import llama_tokenizer
 
 HIDDEN_SIZE = 32
 PIXELS = 56 * 56

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tests.factories.tokenizers import llama_tokenizer
+from img_guidance.testing.tokenizers import llama_tokenizer
 
 HIDDEN_SIZE = 32
 IMAGE_SIZE = 28

@@ -6,7 +6,7 @@
 - ``write_triplets_jsonl(folder, rows)``: ``folder/triplets.jsonl`` and PNG images under
   ``folder/images``, referenced by relative paths.
 
-Images are small solid colours (``solid("red")``), told apart with ``tests.factories.pairs.is_colour``;
+Images are small solid colours (``solid("red")``), told apart with ``img_guidance.testing.pairs.is_colour``;
 ``GARBAGE`` (from the same module) is bytes that do not decode.
 Example::
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tests.factories.pairs import Colour
+from img_guidance.testing.pairs import Colour
 
 if TYPE_CHECKING:
     from PIL import Image

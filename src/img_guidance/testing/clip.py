@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.factories.tokenizers import clip_tokenizer
+from img_guidance.testing.tokenizers import clip_tokenizer
 
 IMAGE_SIZE = 30
 

@@ -1,1 +1,0 @@
-"""Tiny random-weight models and tokenizers built offline inside the tests."""
