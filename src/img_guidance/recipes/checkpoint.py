@@ -1,28 +1,49 @@
-"""Checkpoint folders for the recipes: atomic publication, discovery, pruning, and RNG states.
+"""What the two recipes share: the accelerator they run under (:func:`recipe_accelerator`) and their
+checkpoints (writing, reading, discovery, pruning, resumption, RNG states).
 
 A checkpoint is a folder ``ROOT/step_00001000`` that appears in one ``rename`` once everything in
 it is written (it is built in ``ROOT/.tmp-step_00001000``), so a killed run leaves at worst a
-hidden temporary folder, which discovery ignores. What goes inside is the recipe's business.
+hidden temporary folder, which discovery ignores. :func:`write_checkpoint` puts in it what every
+recipe has (optimizer.pt, scheduler.pt, scaler.pt under fp16, rng/process_<i>.pt, and
+trainer_state.json, written last); the recipe writes its model's files through a callback.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from img_guidance.recipes.config import ConfigError
+from img_guidance.recipes.config import ConfigError, TrainingDiverged, config_to_dict
 
 STEP_PATTERN = re.compile(r"^step_(\d+)$")
 TEMP_PREFIX = ".tmp-"
 # written last: a folder is a complete checkpoint only with this file in it
 STATE_FILE = "trainer_state.json"
+
+
+def recipe_accelerator(mixed_precision: str, report_to: list[str], output: Path):
+    """accelerate (TensorBoard always among its trackers, logging under ``output/logs``), and a
+    console that prints on the main process only."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from rich.console import Console
+
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        log_with=list(dict.fromkeys(["tensorboard", *report_to])),
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+    )
+    console = Console(quiet=not accelerator.is_main_process, highlight=False, soft_wrap=True, markup=False)
+    return accelerator, console
 
 
 def checkpoint_name(step: int) -> str:
@@ -122,6 +143,118 @@ def resolve_resume(resume: str | bool | None, checkpoints: Path) -> Path | None:
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"--resume {path}: not a complete checkpoint (no {STATE_FILE})")
     return path
+
+
+def resume_point(resume: str | bool | None, checkpoints: Path) -> Path | None:
+    """The checkpoint to resume from (:func:`resolve_resume`); a fresh start over ``checkpoints``
+    that already holds some is refused, so no run overwrites another."""
+    path = resolve_resume(resume, checkpoints)
+    if path is None and list_checkpoints(checkpoints):
+        raise ConfigError(
+            f"{checkpoints} already holds checkpoints: pass --resume to continue that run, "
+            "or choose another output_dir"
+        )
+    return path
+
+
+def changed_keys(saved: dict[str, Any], config: Any, free: set[str]) -> list[str]:
+    """The config keys, outside ``free``, whose value differs from the checkpoint's ``saved`` config."""
+    current = config_to_dict(config)
+    return sorted(k for k, v in saved.items() if k not in free and current.get(k, v) != v)
+
+
+def diverged(err: TrainingDiverged, root: str | os.PathLike) -> TrainingDiverged:
+    """``err`` naming where the run can go on from: the last good checkpoint under ``root``."""
+    last = latest_checkpoint(root)
+    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+    return TrainingDiverged(f"{err}; training stopped without saving this step; {where}")
+
+
+def hparams(config: Any) -> dict[str, Any]:
+    """A recipe config flattened to what TensorBoard's hparams accept (numbers, strings, bools;
+    anything else as JSON)."""
+    return {
+        key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+        for key, value in config_to_dict(config).items()
+    }
+
+
+# -- writing and reading -----------------------------------------------------------------------------
+
+
+def write_checkpoint(
+    accelerator,
+    root: Path,
+    step: int,
+    *,
+    state: dict[str, Any],
+    keep: int,
+    save_model: Callable[[Path], None],
+    optimizer,
+    scheduler,
+    save_shard: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write checkpoint ``step`` under ``root`` on every process, then (main process) rename it into
+    place and keep the newest ``keep``. Nothing under a checkpoint name is ever partial.
+
+    ``save_model(folder)`` writes the recipe's model files on the main process; ``save_shard(folder)``
+    runs on every process first (DeepSpeed's sharded state). Then come the optimizer (``None``: it is
+    in the shards), scheduler, grad scaler, every process's RNG state, and ``state`` as the trainer
+    state, last."""
+    tmp, final = temp_dir(root, step), Path(root) / checkpoint_name(step)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if save_shard is not None:
+        save_shard(tmp)
+    torch.save(rng_state(), tmp / "rng" / f"process_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_model(tmp)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        publish(tmp, final)
+        prune_checkpoints(root, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_checkpoint(
+    path: Path, accelerator, *, load_model: Callable[[Path, dict[str, Any]], None], optimizer, scheduler
+) -> dict[str, Any]:
+    """Restore what :func:`write_checkpoint` wrote; returns the trainer state.
+
+    ``load_model(path, state)`` runs first, so a checkpoint of another model fails before anything
+    is restored; then the optimizer (``None``: restored with the model), scheduler, grad scaler and
+    this process's RNG states."""
+    state = json.loads((path / STATE_FILE).read_text())
+    load_model(path, state)
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if accelerator.scaler is not None and (path / "scaler.pt").is_file():
+        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    rng_file = path / "rng" / f"process_{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        accelerator.print(f"warning: {rng_file} is missing (another process count?); RNG states not restored")
+    return state
+
+
+def write_folder(final: Path, write: Callable[[Path], None]) -> Path:
+    """``write(folder)`` into a hidden sibling of ``final``, then move it into place in one rename."""
+    staging = final.with_name(f"{TEMP_PREFIX}{final.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    write(staging)
+    publish(staging, final)
+    return final
 
 
 # -- random number generators ---------------------------------------------------------------------

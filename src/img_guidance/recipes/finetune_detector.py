@@ -3,7 +3,8 @@
 The paper turns LLaVA-1.5-13B into the detector whose hidden states guide the aligner by finetuning
 it for one epoch on InstructPix2Pix triplets {I0, T1, TE}: the model sees the original image I0 with
 a question asking how it should change to match the edited prompt T1, and learns to answer with the
-edit instruction TE. A flat accelerate recipe (setup, train loop, checkpoint, cleanup)::
+edit instruction TE. An accelerate recipe in torchtune's shape (:class:`DetectorRecipe`: ``setup``,
+``train_step``, ``save_checkpoint``, ``train``, ``cleanup``)::
 
     img-guidance finetune-detector configs/detector_llava13b_lora.yaml [key=value ...] [--resume [PATH]]
     accelerate launch --multi_gpu --num_processes 8 -m img_guidance.recipes.finetune_detector CONFIG ...
@@ -47,7 +48,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -61,17 +61,17 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from img_guidance.precision import resolve_dtype
 from img_guidance.recipes.checkpoint import (
-    STATE_FILE,
+    changed_keys,
     checkpoint_name,
+    diverged,
+    hparams,
     latest_checkpoint,
-    list_checkpoints,
-    prune_checkpoints,
-    publish,
+    read_checkpoint,
+    recipe_accelerator,
     remove_stale_temps,
-    resolve_resume,
-    rng_state,
-    set_rng_state,
-    temp_dir,
+    resume_point,
+    write_checkpoint,
+    write_folder,
 )
 from img_guidance.recipes.config import (
     ConfigError,
@@ -474,53 +474,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, to
     return make(optimizer, warmup, total)
 
 
-# -- checkpoints -----------------------------------------------------------------------------------
-
-
-def save_checkpoint(accelerator, root: Path, step: int, *, model, optimizer, scheduler, state, keep) -> Path:
-    """Write checkpoint ``step`` into a temporary folder, then rename it into place (main process)
-    and prune old ones: trainable weights, optimizer, scheduler, every process's RNG state."""
-    from safetensors.torch import save_file
-
-    tmp, final = temp_dir(root, step), root / checkpoint_name(step)
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / "rng" / f"process_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        save_file(trainable_state(accelerator.unwrap_model(model)), tmp / TRAINABLE_FILE)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")  # last
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        publish(tmp, final)
-        prune_checkpoints(root, keep)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_checkpoint(path: Path, accelerator, *, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote; returns its trainer state."""
-    from safetensors.torch import load_file
-
-    state = json.loads((path / STATE_FILE).read_text())
-    load_trainable(accelerator.unwrap_model(model), load_file(path / TRAINABLE_FILE), str(path))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    if accelerator.scaler is not None and (path / "scaler.pt").is_file():
-        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    rng_file = path / "rng" / f"process_{accelerator.process_index}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    else:
-        accelerator.print(f"warning: {rng_file} is missing (another process count?); RNG states not restored")
-    return state
-
-
 # -- evaluation ------------------------------------------------------------------------------------
 
 
@@ -605,13 +558,6 @@ def evaluate(
 # -- the recipe ------------------------------------------------------------------------------------
 
 
-def _hparams(cfg: FinetuneConfig) -> dict[str, Any]:
-    return {
-        key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-        for key, value in config_to_dict(cfg).items()
-    }
-
-
 def _plan(cfg: FinetuneConfig, num_processes: int) -> dict[str, int | None]:
     """Which rows train and evaluate, and the number of optimizer steps the schedule spans."""
     from img_guidance.data.triplets import count_triplet_rows
@@ -677,113 +623,199 @@ def save_detector(
     (folder / DETECTOR_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def finetune(cfg: FinetuneConfig, *, resume: str | bool | None = None) -> dict[str, Any]:
-    """Finetune a detector; returns a summary (final step, folders, logged rows, evaluations).
+class DetectorRecipe:
+    """The detector's finetuning run: ``setup()`` plans the rows, loads the MLLM with its trainable
+    parts, optimizer and schedule and resumes from a checkpoint; ``train()`` runs the planned steps,
+    evaluates and saves the detector; ``cleanup()`` ends the trackers. The run's state lives on the
+    recipe."""
 
-    Raises :class:`TrainingDiverged` on a non-finite loss, after the last good checkpoint.
-    """
-    import yaml
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    def __init__(self, cfg: FinetuneConfig, *, resume: str | bool | None = None):
+        self.cfg = cfg
+        self.resume = resume
+        self.output = Path(cfg.output_dir)
+        self.checkpoints = self.output / "checkpoints"
+        # where the run is: optimizer steps taken, the pass over the data, this process's next row
+        self.step, self.epoch, self.next_row = 0, 0, 0
+        self.reader_stats: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.evaluations: list[dict[str, Any]] = []
 
-    from img_guidance.guidance.questions import QUESTIONS, load_questions
+    # -- setup ---------------------------------------------------------------------------------------
 
-    # -- setup ---------------------------------------------------------------------------------
-    check_config(cfg)
-    output = Path(cfg.output_dir)
-    checkpoints = output / "checkpoints"
-    resume_from = resolve_resume(resume, checkpoints)
-    if resume_from is None and list_checkpoints(checkpoints):
-        raise ConfigError(
-            f"{checkpoints} already holds checkpoints: pass --resume to continue that run, "
-            "or choose another output_dir"
+    def setup(self) -> None:
+        """Everything before the first step; the config and data are checked before any model loads."""
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        check_config(cfg)
+        resume_from = resume_point(self.resume, self.checkpoints)
+        self._setup_accelerator()
+        set_seed(cfg.seed)
+        self._setup_data()
+        self._setup_output()
+        self._setup_model()
+        self._setup_optimizer()
+        if resume_from is not None:
+            self._resume(resume_from)
+        self.accelerator.init_trackers(
+            TRACKER_PROJECT,
+            config=hparams(cfg),
+            init_kwargs={"wandb": {"name": self.output.name, "dir": str(self.output)}},
         )
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        log_with=list(dict.fromkeys(["tensorboard", *cfg.report_to])),
-        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
-    )
-    console = Console(quiet=not accelerator.is_main_process, highlight=False, soft_wrap=True, markup=False)
-    set_seed(cfg.seed)
-    plan = _plan(cfg, accelerator.num_processes)
-    val_triplets = _val_triplets(cfg)
-    questions = load_questions(cfg.questions) if cfg.questions else QUESTIONS
-    if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        for stale in remove_stale_temps(checkpoints):
-            console.print(f"removed {stale}, a checkpoint a killed run did not finish")
-        (output / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    accelerator.wait_for_everyone()
+        self._print_plan()
 
-    detector = load_detector(cfg, accelerator.device)
-    build = ExampleBuilder(
-        detector, questions=questions, question_seed=cfg.question_seed, max_length=cfg.max_length
-    )
-    model = prepare_model(detector.model, cfg, base=detector.location)
-    if not cfg.quantization:
-        model.to(accelerator.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused on CUDA: no step temporaries the size of the trained weights (benchmarks/detector.py)
-    fused = accelerator.device.type == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    warmup = math.ceil(cfg.warmup_ratio * plan["total_steps"])
-    scheduler = build_scheduler(optimizer, cfg.lr_scheduler, warmup, plan["total_steps"])
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    n, p = accelerator.num_processes, accelerator.process_index
-    step, epoch, next_row = 0, 0, plan["start"]
-    if resume_from is not None:
-        state = load_checkpoint(
-            resume_from, accelerator, model=model, optimizer=optimizer, scheduler=scheduler
+    def _setup_accelerator(self) -> None:
+        self.accelerator, self.console = recipe_accelerator(
+            self.cfg.mixed_precision, self.cfg.report_to, self.output
         )
-        step, epoch = state["step"], state["epoch"]
+
+    def _setup_data(self) -> None:
+        """The rows to train on and the steps they make (the plan), the held-out triplets, the questions."""
+        from img_guidance.guidance.questions import QUESTIONS, load_questions
+
+        cfg, n = self.cfg, self.accelerator.num_processes
+        self.plan = _plan(cfg, n)
+        self.val_triplets = _val_triplets(cfg)
+        self.questions = load_questions(cfg.questions) if cfg.questions else QUESTIONS
+        self.samples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * n
+        self.next_row = self.plan["start"]
+
+    def _setup_output(self) -> None:
+        """OUTPUT with the resolved config, rid of what a killed run left half-written (main process)."""
+        if self.accelerator.is_main_process:
+            import yaml
+
+            self.output.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temps(self.checkpoints):
+                self.console.print(f"removed {stale}, a checkpoint a killed run did not finish")
+            (self.output / "config.yaml").write_text(
+                yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _setup_model(self) -> None:
+        """The MLLM, the examples built in its own format, and its trainable parts chosen by the config."""
+        cfg = self.cfg
+        self.detector = load_detector(cfg, self.accelerator.device)
+        self.build = ExampleBuilder(
+            self.detector,
+            questions=self.questions,
+            question_seed=cfg.question_seed,
+            max_length=cfg.max_length,
+        )
+        self.model = prepare_model(self.detector.model, cfg, base=self.detector.location)
+        if not cfg.quantization:
+            self.model.to(self.accelerator.device)
+
+    def _setup_optimizer(self) -> None:
+        """AdamW over the trainable weights, the warm-up and decay schedule, then accelerate."""
+        cfg, accelerator = self.cfg, self.accelerator
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # fused on CUDA: no step temporaries the size of the trained weights (benchmarks/detector.py)
+        fused = accelerator.device.type == "cuda"
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+        self.warmup = math.ceil(cfg.warmup_ratio * self.plan["total_steps"])
+        self.scheduler = build_scheduler(optimizer, cfg.lr_scheduler, self.warmup, self.plan["total_steps"])
+        self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
+
+    def _resume(self, path: Path) -> None:
+        """Continue the run of checkpoint ``path``, warning about what changed since."""
+        n, p = self.accelerator.num_processes, self.accelerator.process_index
+        state = self.load_checkpoint(path)
+        self.step, self.epoch = state["step"], state["epoch"]
         rows = state["next_rows"]
         if len(rows) == n:
-            next_row = rows[p]
+            self.next_row = rows[p]
         else:
-            next_row = min(rows)
-            console.print(
+            self.next_row = min(rows)
+            self.console.print(
                 f"warning: the checkpoint was written by {len(rows)} processes, this run has {n}: "
                 "restarting from the earliest row any of them had reached"
             )
-        changed = sorted(
-            k
-            for k, v in state["config"].items()
-            if k not in RESUME_FREE_KEYS and config_to_dict(cfg).get(k, v) != v
-        )
+        changed = changed_keys(state["config"], self.cfg, RESUME_FREE_KEYS)
         if changed:
-            console.print(f"warning: resuming with other values of {', '.join(changed)} than the checkpoint")
-        console.print(f"resumed from {resume_from} at step {step} (epoch {epoch}, row {next_row})")
+            self.console.print(
+                f"warning: resuming with other values of {', '.join(changed)} than the checkpoint"
+            )
+        self.console.print(
+            f"resumed from {path} at step {self.step} (epoch {self.epoch}, row {self.next_row})"
+        )
 
-    accelerator.init_trackers(
-        TRACKER_PROJECT,
-        config=_hparams(cfg),
-        init_kwargs={"wandb": {"name": output.name, "dir": str(output)}},
-    )
-    unwrapped = accelerator.unwrap_model(model)
-    n_train = sum(q.numel() for q in unwrapped.parameters() if q.requires_grad)
-    n_all = sum(q.numel() for q in unwrapped.parameters())
-    samples_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * n
-    console.print(
-        f"finetuning {cfg.model} ({cfg.method}; {n_train:,} of {n_all:,} parameters trained) as a detector "
-        f"in the {detector.prompt_format} format on rows {plan['start']}-{plan['stop']} of {cfg.data}"
-        f"{f', evaluating on {len(val_triplets)} held-out triplets' if val_triplets else ''}; "
-        f"{n} process(es) x batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation = "
-        f"{samples_per_step} samples per step; {plan['total_steps']} steps ({warmup} warm-up)"
-    )
+    def _print_plan(self) -> None:
+        cfg, plan = self.cfg, self.plan
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        n_train = sum(q.numel() for q in unwrapped.parameters() if q.requires_grad)
+        n_all = sum(q.numel() for q in unwrapped.parameters())
+        self.console.print(
+            f"finetuning {cfg.model} ({cfg.method}; {n_train:,} of {n_all:,} parameters trained) as a "
+            f"detector in the {self.detector.prompt_format} format on rows {plan['start']}-{plan['stop']} "
+            f"of {cfg.data}"
+            f"{f', evaluating on {len(self.val_triplets)} held-out triplets' if self.val_triplets else ''}; "
+            f"{self.accelerator.num_processes} process(es) x batch {cfg.batch_size} x "
+            f"{cfg.gradient_accumulation_steps} accumulation = {self.samples_per_step} samples per step; "
+            f"{plan['total_steps']} steps ({self.warmup} warm-up)"
+        )
 
-    def batches(epoch_start: int) -> Iterator[dict[str, Any]]:
-        """This process's batches from row ``epoch_start`` on; ends for all processes when one runs out."""
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint ``self.step``: the trainable weights, the optimizer, scheduler and RNG states, and
+        the trainer state (epoch, every process's next row, config)."""
+        accelerator = self.accelerator
+        rows = accelerator.gather(torch.tensor([self.next_row], device=accelerator.device)).tolist()
+        state = {
+            "epoch": self.epoch,
+            "next_rows": rows,
+            "num_processes": accelerator.num_processes,
+            "config": config_to_dict(self.cfg),
+            "step": self.step,
+        }
+        path = write_checkpoint(
+            accelerator,
+            self.checkpoints,
+            self.step,
+            state=state,
+            keep=self.cfg.keep_checkpoints,
+            save_model=self._save_trainable,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+        )
+        self.console.print(f"step {self.step}: checkpoint {path}")
+        return path
+
+    def _save_trainable(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(trainable_state(self.accelerator.unwrap_model(self.model)), folder / TRAINABLE_FILE)
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Restore what :meth:`save_checkpoint` wrote; returns its trainer state."""
+        return read_checkpoint(
+            path,
+            self.accelerator,
+            load_model=self._load_trainable,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+        )
+
+    def _load_trainable(self, path: Path, state: dict[str, Any]) -> None:
+        from safetensors.torch import load_file
+
+        load_trainable(self.accelerator.unwrap_model(self.model), load_file(path / TRAINABLE_FILE), str(path))
+
+    # -- training ------------------------------------------------------------------------------------
+
+    def epoch_batches(self, start: int) -> Iterator[dict[str, Any]]:
+        """This process's batches from row ``start`` on; ends for all processes when one runs out."""
+        cfg, accelerator = self.cfg, self.accelerator
         stream = TripletBatches(
             cfg.data,
-            build=build,
+            build=self.build,
             batch_size=cfg.batch_size,
-            start=epoch_start,
-            stop=plan["stop"],
-            process_index=p,
-            num_processes=n,
+            start=start,
+            stop=self.plan["stop"],
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
         )
         # its own generator: making an iterator must not draw from the global RNG (dropout), or a
         # resumed run would differ from an uninterrupted one
@@ -797,160 +829,198 @@ def finetune(cfg: FinetuneConfig, *, resume: str | bool | None = None) -> dict[s
         while True:
             batch = next(iterator, None)
             ready = torch.tensor([batch is not None], dtype=torch.int64, device=accelerator.device)
-            if int(accelerator.reduce(ready, "sum")) < n:
+            if int(accelerator.reduce(ready, "sum")) < accelerator.num_processes:
                 return
             yield batch
 
-    history: list[dict[str, Any]] = []
-    evaluations: list[dict[str, Any]] = []
-    reader_stats: dict[str, Any] = {}
+    def train_step(self, micro: list[dict[str, Any]]) -> float:
+        """One optimizer step over the batches of one gradient accumulation; returns their mean loss
+        over the processes. Raises :class:`TrainingDiverged` before stepping on a non-finite loss."""
+        cfg, accelerator, model = self.cfg, self.accelerator, self.model
+        losses = []
+        for i, batch in enumerate(micro):
+            inputs = {
+                k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch["inputs"].items()
+            }
+            labels = batch["labels"].to(accelerator.device)
+            sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                loss = model(**inputs, labels=labels, use_cache=False).loss
+            losses.append(loss.detach().float())
+            if not torch.isfinite(loss).all():
+                break
+            accelerator.backward(loss / len(micro))
+        mean_loss = float(accelerator.reduce(torch.stack(losses).mean(), "mean"))
+        if not math.isfinite(mean_loss):
+            raise TrainingDiverged(f"step {self.step + 1}: non-finite loss {mean_loss}")
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.next_row = micro[-1]["next_row"]
+        self.reader_stats = micro[-1]["stats"]
+        return mean_loss
 
-    def run_eval() -> None:
-        if not val_triplets:
+    def train(self) -> dict[str, Any]:
+        """Train from where :meth:`setup` left the run to the planned steps, evaluate, and save the
+        detector; returns the summary. A non-finite loss raises :class:`TrainingDiverged`, nothing
+        saved after the last good step."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        cfg, total = self.cfg, self.plan["total_steps"]
+        self.progress = Progress(
+            TextColumn("[bold]finetune[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=self.console,
+            disable=not self.accelerator.is_main_process,
+        )
+        self.task = self.progress.add_task("finetune", total=total, completed=self.step, status="")
+        self.window_loss, self.window_steps, self.window_samples = 0.0, 0, 0
+        self.clock = time.perf_counter()
+
+        self.model.train()
+        self.progress.start()
+        try:
+            while self.step < total and self.epoch < (cfg.epochs if cfg.max_steps is None else math.inf):
+                self._train_epoch()
+            last = latest_checkpoint(self.checkpoints)
+            if last is None or last.name != checkpoint_name(self.step):
+                self.save_checkpoint()
+        except TrainingDiverged as err:
+            raise diverged(err, self.checkpoints) from err
+        finally:
+            self.progress.stop()
+        self._evaluate()
+        final = self._save_final()
+        return {
+            "step": self.step,
+            "final_dir": str(final),
+            "history": self.history,
+            "evaluations": self.evaluations,
+            "reader": self.reader_stats,
+            "plan": self.plan,
+        }
+
+    def _train_epoch(self) -> None:
+        """Train from ``self.next_row`` to the end of the pass over the data, or to the planned steps."""
+        stream = self.epoch_batches(self.next_row)
+        stepped = False
+        while self.step < self.plan["total_steps"]:
+            micro = self._accumulation(stream)
+            if micro is None:
+                break  # the epoch ran out (a partial accumulation is dropped)
+            mean_loss = self.train_step(micro)
+            stepped = True
+            self._after_step(micro, mean_loss)
+        else:
+            return  # the planned steps are done
+        if not stepped and self.next_row == self.plan["start"]:
+            raise ConfigError(f"data {self.cfg.data} gave no full step of {self.samples_per_step} triplets")
+        self.epoch, self.next_row = self.epoch + 1, self.plan["start"]
+
+    def _accumulation(self, stream: Iterator[dict[str, Any]]) -> list[dict[str, Any]] | None:
+        """The next ``gradient_accumulation_steps`` batches of ``stream``; None when it runs out first."""
+        micro = []
+        for batch in stream:
+            micro.append(batch)
+            if len(micro) == self.cfg.gradient_accumulation_steps:
+                return micro
+        return None
+
+    def _after_step(self, micro: list[dict[str, Any]], mean_loss: float) -> None:
+        """Log, evaluate and checkpoint on their schedules."""
+        cfg, step, total = self.cfg, self.step, self.plan["total_steps"]
+        self.window_loss += mean_loss
+        self.window_steps += 1
+        self.window_samples += sum(len(b["index"]) for b in micro) * self.accelerator.num_processes
+        self.progress.update(self.task, completed=step, status=f"loss {mean_loss:.4g}")
+        if cfg.log_every and (step % cfg.log_every == 0 or step == total):
+            self._log_window()
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+            self._evaluate()
+        if step % cfg.checkpoint_every == 0 or step == total:
+            self.save_checkpoint()
+            self.clock = time.perf_counter()
+
+    def _log_window(self) -> None:
+        """Log the mean loss of the steps since the last log, the lr and the throughput."""
+        seconds = time.perf_counter() - self.clock
+        row = {
+            "train/loss": self.window_loss / self.window_steps,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/samples_per_s": self.window_samples / max(seconds, 1e-9),
+        }
+        self.accelerator.log(row, step=self.step)
+        self.history.append({"step": self.step, **row})
+        self.window_loss, self.window_steps, self.window_samples = 0.0, 0, 0
+        self.clock = time.perf_counter()
+
+    def _evaluate(self) -> None:
+        """Score the held-out triplets: logged, written to OUTPUT/eval/step_<step>.json, a few printed."""
+        if not self.val_triplets:
             return
-        result = evaluate(accelerator, model, detector, build, val_triplets, cfg)
-        accelerator.log({k: v for k, v in result.items() if k.startswith("val/")}, step=step)
-        evaluations.append({"step": step, **result})
-        if accelerator.is_main_process:
-            (output / "eval").mkdir(parents=True, exist_ok=True)
-            (output / "eval" / f"{checkpoint_name(step)}.json").write_text(
+        step = self.step
+        result = evaluate(
+            self.accelerator, self.model, self.detector, self.build, self.val_triplets, self.cfg
+        )
+        self.accelerator.log({k: v for k, v in result.items() if k.startswith("val/")}, step=step)
+        self.evaluations.append({"step": step, **result})
+        if self.accelerator.is_main_process:
+            (self.output / "eval").mkdir(parents=True, exist_ok=True)
+            (self.output / "eval" / f"{checkpoint_name(step)}.json").write_text(
                 json.dumps({"step": step, **result}, indent=2) + "\n"
             )
-        console.print(
+        self.console.print(
             f"step {step}: held-out loss {result['val/loss']:.4g}, "
             f"exact match {result['val/exact_match']:.1%}, token F1 {result['val/token_f1']:.3f} "
             f"on {result['samples']} triplets"
         )
         for example in result["examples"][:3]:
-            console.print(f"  target {example['target']!r} | generated {example['generated']!r}")
+            self.console.print(f"  target {example['target']!r} | generated {example['generated']!r}")
 
-    def checkpoint() -> Path:
-        rows = accelerator.gather(torch.tensor([next_row], device=accelerator.device)).tolist()
-        state = {"epoch": epoch, "next_rows": rows, "num_processes": n, "config": config_to_dict(cfg)}
-        path = save_checkpoint(
-            accelerator,
-            checkpoints,
-            step,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            state=state,
-            keep=cfg.keep_checkpoints,
-        )
-        console.print(f"step {step}: checkpoint {path}")
-        return path
+    def _save_final(self) -> Path:
+        """OUTPUT/final: the detector (main process), and what the reader skipped."""
+        final = self.output / "final"
+        if self.accelerator.is_main_process:
+            write_folder(final, self._save_detector)
+            undecodable = self.reader_stats.get("undecodable", [])
+            skipped = len(undecodable) + self.reader_stats.get("empty", 0)
+            self.console.print(
+                f"done: {self.step} steps; detector in {final}"
+                + (f"; {skipped} triplets skipped" if skipped else "")
+            )
+            for row_id in undecodable[:20]:
+                self.console.print(f"undecodable image skipped: {row_id}")
+        self.accelerator.wait_for_everyone()
+        return final
 
-    progress = Progress(
-        TextColumn("[bold]finetune[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=console,
-        disable=not accelerator.is_main_process,
-    )
-    task = progress.add_task("finetune", total=plan["total_steps"], completed=step, status="")
-    window_loss, window_steps, window_samples, clock = 0.0, 0, 0, time.perf_counter()
+    def _save_detector(self, folder: Path) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        save_detector(model, self.detector, self.cfg, folder, questions=self.questions)
 
-    # -- train loop ------------------------------------------------------------------------------
-    model.train()
-    progress.start()
+    # -- cleanup -------------------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """End the trackers (and the process group)."""
+        self.accelerator.end_training()
+
+
+def finetune(cfg: FinetuneConfig, *, resume: str | bool | None = None) -> dict[str, Any]:
+    """Finetune a detector; returns a summary (final step, folders, logged rows, evaluations).
+
+    Raises :class:`TrainingDiverged` on a non-finite loss, after the last good checkpoint.
+    """
+    recipe = DetectorRecipe(cfg, resume=resume)
+    recipe.setup()
     try:
-        while step < plan["total_steps"] and epoch < (cfg.epochs if cfg.max_steps is None else math.inf):
-            stream = batches(next_row)
-            stepped = False
-            while step < plan["total_steps"]:
-                micro = []
-                for batch in stream:
-                    micro.append(batch)
-                    if len(micro) == cfg.gradient_accumulation_steps:
-                        break
-                if len(micro) < cfg.gradient_accumulation_steps:
-                    break  # the epoch ran out (a partial accumulation is dropped)
-                losses = []
-                for i, batch in enumerate(micro):
-                    inputs = {
-                        k: v.to(accelerator.device) if torch.is_tensor(v) else v
-                        for k, v in batch["inputs"].items()
-                    }
-                    labels = batch["labels"].to(accelerator.device)
-                    sync = nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model)
-                    with sync, accelerator.autocast():
-                        loss = model(**inputs, labels=labels, use_cache=False).loss
-                    losses.append(loss.detach().float())
-                    if not torch.isfinite(loss).all():
-                        break
-                    accelerator.backward(loss / len(micro))
-                mean_loss = float(accelerator.reduce(torch.stack(losses).mean(), "mean"))
-                if not math.isfinite(mean_loss):
-                    raise TrainingDiverged(f"step {step + 1}: non-finite loss {mean_loss}")
-                if cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                stepped = True
-                next_row = micro[-1]["next_row"]
-                reader_stats = micro[-1]["stats"]
-                window_loss += mean_loss
-                window_steps += 1
-                window_samples += sum(len(b["index"]) for b in micro) * n
-                progress.update(task, completed=step, status=f"loss {mean_loss:.4g}")
-                if cfg.log_every and (step % cfg.log_every == 0 or step == plan["total_steps"]):
-                    seconds = time.perf_counter() - clock
-                    row = {
-                        "train/loss": window_loss / window_steps,
-                        "train/lr": scheduler.get_last_lr()[0],
-                        "train/samples_per_s": window_samples / max(seconds, 1e-9),
-                    }
-                    accelerator.log(row, step=step)
-                    history.append({"step": step, **row})
-                    window_loss, window_steps, window_samples, clock = 0.0, 0, 0, time.perf_counter()
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < plan["total_steps"]:
-                    run_eval()
-                if step % cfg.checkpoint_every == 0 or step == plan["total_steps"]:
-                    checkpoint()
-                    clock = time.perf_counter()
-            else:
-                break  # max steps reached
-            if not stepped and next_row == plan["start"]:
-                raise ConfigError(f"data {cfg.data} gave no full step of {samples_per_step} triplets")
-            epoch, next_row = epoch + 1, plan["start"]
-        last = latest_checkpoint(checkpoints)
-        if last is None or last.name != checkpoint_name(step):
-            checkpoint()
-    except TrainingDiverged as err:
-        last = latest_checkpoint(checkpoints)
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
-        raise TrainingDiverged(f"{err}; training stopped without saving this step; {where}") from err
+        return recipe.train()
     finally:
-        progress.stop()
-    run_eval()
-    accelerator.end_training()
-
-    # -- cleanup: the detector -------------------------------------------------------------------
-    final = output / "final"
-    if accelerator.is_main_process:
-        staging = output / ".tmp-final"
-        shutil.rmtree(staging, ignore_errors=True)
-        save_detector(accelerator.unwrap_model(model), detector, cfg, staging, questions=questions)
-        publish(staging, final)
-        skipped = len(reader_stats.get("undecodable", [])) + reader_stats.get("empty", 0)
-        console.print(
-            f"done: {step} steps; detector in {final}" + (f"; {skipped} triplets skipped" if skipped else "")
-        )
-        for row_id in reader_stats.get("undecodable", [])[:20]:
-            console.print(f"undecodable image skipped: {row_id}")
-    accelerator.wait_for_everyone()
-    return {
-        "step": step,
-        "final_dir": str(final),
-        "history": history,
-        "evaluations": evaluations,
-        "reader": reader_stats,
-        "plan": plan,
-    }
+        recipe.cleanup()
 
 
 # -- command line ----------------------------------------------------------------------------------
@@ -971,6 +1041,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
+    "DetectorRecipe",
     "ExampleBuilder",
     "FinetuneConfig",
     "TrainingDiverged",

@@ -1,6 +1,8 @@
 """Train the Implicit Aligner with the Iteratively Updated Preference Objective (paper Sec. 3.3).
 
-A flat accelerate recipe: setup, train loop, checkpoint, cleanup. Launch it with::
+An accelerate recipe in torchtune's shape (:class:`AlignerRecipe`: ``setup``, ``train_step``,
+``save_checkpoint``, ``train``, ``cleanup``; checkpoints through :mod:`~img_guidance.recipes.checkpoint`).
+Launch it with::
 
     img-guidance train configs/sdxl_llava13b.yaml [key=value ...] [--resume [PATH]]
     accelerate launch --multi_gpu --num_processes 8 -m img_guidance.recipes.train_aligner CONFIG ...
@@ -55,17 +57,17 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subs
 
 from img_guidance.precision import resolve_dtype
 from img_guidance.recipes.checkpoint import (
-    STATE_FILE,
-    checkpoint_name,
-    latest_checkpoint,
+    changed_keys,
+    diverged,
+    hparams,
     list_checkpoints,
-    prune_checkpoints,
-    publish,
+    read_checkpoint,
+    recipe_accelerator,
     remove_stale_temps,
     resolve_resume,
-    rng_state,
-    set_rng_state,
-    temp_dir,
+    resume_point,
+    write_checkpoint,
+    write_folder,
 )
 from img_guidance.recipes.config import (
     ConfigError,
@@ -377,52 +379,6 @@ class LinearWarmup:
 # -- checkpoints -----------------------------------------------------------------------------------
 
 
-def save_checkpoint(
-    accelerator,
-    root: Path,
-    step: int,
-    *,
-    model,
-    tracker,
-    optimizer,
-    scheduler,
-    state: dict[str, Any],
-    keep: int,
-) -> Path:
-    """Write checkpoint ``step`` into a temporary folder on every process, then (main process)
-    rename it into place and prune old ones. Nothing under a checkpoint name is ever partial."""
-    from accelerate.utils import DistributedType
-    from safetensors.torch import save_file
-
-    tmp, final = temp_dir(root, step), root / checkpoint_name(step)
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    if deepspeed:  # ZeRO shards the optimizer state: every process writes its part
-        model.save_checkpoint(str(tmp / "deepspeed"), tag="state")
-    torch.save(rng_state(), tmp / "rng" / f"process_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp / "aligner")
-        reference = {k: v.detach().cpu().contiguous() for k, v in tracker.reference.state_dict().items()}
-        save_file(reference, tmp / "reference.safetensors")
-        if not deepspeed:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        tracker_state = {"k": tracker.k, "count": tracker.count, "replacements": tracker.replacements}
-        state = {**state, "step": step, "tracker": tracker_state}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        publish(tmp, final)
-        prune_checkpoints(root, keep)
-    accelerator.wait_for_everyone()
-    return final
-
-
 def check_resume_architecture(path: Path, current: dict[str, Any]) -> None:
     """Raise ConfigError listing every dimension in which the checkpoint's aligner (its
     ``aligner/config.json``) differs from the one this run builds, before any weight is read."""
@@ -441,36 +397,6 @@ def check_resume_architecture(path: Path, current: dict[str, Any]) -> None:
             f"cannot resume from {path}: its aligner differs from this run's ({'; '.join(differences)}); "
             "resume with the checkpoint's settings, or start a new output_dir"
         )
-
-
-def load_checkpoint(path: Path, accelerator, *, model, tracker, optimizer, scheduler) -> dict[str, Any]:
-    """Restore everything :func:`save_checkpoint` wrote; returns its trainer state."""
-    from accelerate.utils import DistributedType
-    from safetensors.torch import load_file
-
-    from img_guidance.aligner import check_state_dict, read_state_dict
-
-    state = json.loads((path / STATE_FILE).read_text())
-    check_resume_architecture(path, accelerator.unwrap_model(model).config.to_dict())
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        model.load_checkpoint(str(path / "deepspeed"), tag="state")
-    else:
-        weights = read_state_dict(path / "aligner" / "model.safetensors")
-        unwrapped = accelerator.unwrap_model(model)
-        check_state_dict(unwrapped, weights, str(path / "aligner"))
-        unwrapped.load_state_dict(weights)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    reference = load_file(path / "reference.safetensors")
-    tracker.load_state_dict({**state["tracker"], "reference": reference})
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    if accelerator.scaler is not None and (path / "scaler.pt").is_file():
-        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-    rng_file = path / "rng" / f"process_{accelerator.process_index}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    else:
-        accelerator.print(f"warning: {rng_file} is missing (another process count?); RNG states not restored")
-    return state
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -506,12 +432,449 @@ def validate(accelerator, model, loader: DataLoader) -> dict[str, float]:
 # -- the recipe ------------------------------------------------------------------------------------
 
 
-def _hparams(cfg: TrainConfig) -> dict[str, Any]:
-    """The config flattened to what TensorBoard's hparams accept (numbers, strings, bools)."""
-    flat = {}
-    for key, value in config_to_dict(cfg).items():
-        flat[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-    return flat
+class AlignerRecipe:
+    """The aligner's training run: ``setup()`` opens the data, builds the aligner, its reference and
+    optimizer and resumes from a checkpoint; ``train()`` runs to ``max_steps`` and saves the final
+    aligner; ``cleanup()`` ends the trackers. The run's state lives on the recipe.
+
+    ``dataset``/``val_dataset``: as for :func:`train`.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: str | bool | None = None,
+        dataset: Dataset | None = None,
+        val_dataset: Dataset | None = None,
+    ):
+        self.cfg = cfg
+        self.resume = resume
+        self.dataset, self.val_dataset = dataset, val_dataset
+        self.output = Path(cfg.output_dir)
+        self.checkpoints = self.output / "checkpoints"
+        # where the run is: optimizer steps taken, and the next batch of which epoch
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.replacement_steps: list[int] = []
+        self.history: list[dict[str, float]] = []
+        self.validations: list[dict[str, float]] = []
+
+    # -- setup ---------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Everything before the first step; the config is checked before any data or model is touched."""
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        check_config(cfg, dataset_given=self.dataset is not None)
+        resume_from = resume_point(self.resume, self.checkpoints)
+        self._setup_accelerator()
+        set_seed(cfg.seed)
+        self._setup_output()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizer()
+        if resume_from is not None:
+            self._resume(resume_from)
+        self.accelerator.init_trackers(
+            TRACKER_PROJECT,
+            config=hparams(cfg),
+            init_kwargs={"wandb": {"name": self.output.name, "dir": str(self.output)}},
+        )
+        self._print_plan()
+
+    def _setup_accelerator(self) -> None:
+        from accelerate.utils import DistributedType
+
+        self.accelerator, self.console = recipe_accelerator(
+            self.cfg.mixed_precision, self.cfg.report_to, self.output
+        )
+        self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+
+    def _setup_output(self) -> None:
+        """OUTPUT with the resolved config, rid of what a killed run left half-written (main process)."""
+        if self.accelerator.is_main_process:
+            import yaml
+
+            self.output.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temps(self.checkpoints):
+                self.console.print(f"removed {stale}, a checkpoint a killed run did not finish")
+            (self.output / "config.yaml").write_text(
+                yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _open_data(self) -> list[int] | None:
+        """The training and validation datasets on ``self`` (the given ones, else the config's, with
+        ``val_fraction`` split off); returns the training indices (None for a streamed dataset)."""
+        cfg = self.cfg
+        if self.dataset is None:
+            self.dataset, opened_val = open_datasets(cfg, self.accelerator)
+            self.val_dataset = self.val_dataset if self.val_dataset is not None else opened_val
+        self.dims = dataset_dims(self.dataset)
+        # A map-style dataset (the cache) goes through the seeded epoch sampler and accelerate's batch
+        # sharding; an iterable one (online features) deals its samples over the processes itself.
+        self.streaming = isinstance(self.dataset, IterableDataset)
+        train_indices = None if self.streaming else list(range(len(self.dataset)))
+        if cfg.val_fraction > 0:
+            if self.streaming:
+                raise ConfigError(
+                    "val_fraction needs a map-style dataset; give streamed features a val_cache_dir"
+                )
+            train_indices, val_indices = split_indices(len(self.dataset), cfg.val_fraction, cfg.seed)
+            self.val_dataset = Subset(self.dataset, val_indices)
+        if self.val_dataset is not None and dataset_dims(self.val_dataset) != self.dims:
+            raise ConfigError(
+                f"validation features have dims {dataset_dims(self.val_dataset)}, "
+                f"training features {self.dims}"
+            )
+        return train_indices
+
+    def _setup_data(self) -> None:
+        """The training loader (seeded epoch order, or the stream's own) and the validation loader."""
+        from img_guidance.features.cache import collate_features
+
+        cfg, accelerator = self.cfg, self.accelerator
+        train_indices = self._open_data()
+        self.train_samples = None if train_indices is None else len(train_indices)
+        self.global_batch = cfg.batch_size * accelerator.num_processes
+        self.sampler = (
+            None
+            if self.streaming
+            else EpochSampler(train_indices, global_batch=self.global_batch, seed=cfg.seed)
+        )
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            drop_last=True,
+            collate_fn=collate_features,
+            num_workers=cfg.num_workers,
+            persistent_workers=cfg.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+        self.steps_per_epoch = None if self.streaming else self.sampler.batches_per_epoch
+        self.val_loader = None
+        if self.val_dataset is not None and len(self.val_dataset) > 0 and cfg.validate_every > 0:
+            # each process scores every num_processes-th held-out sample; sums are reduced
+            every = range(accelerator.process_index, len(self.val_dataset), accelerator.num_processes)
+            self.val_loader = DataLoader(
+                Subset(self.val_dataset, every), batch_size=cfg.batch_size, collate_fn=collate_features
+            )
+
+    def _setup_model(self) -> None:
+        """The aligner on this process's device, and its reference tracker: the reference is a fresh
+        random aligner (paper), broadcast from process 0."""
+        from img_guidance.objective import ReferenceTracker
+
+        self.model = build_aligner(self.cfg, self.dims).to(self.accelerator.device)
+        self.tracker = ReferenceTracker(self.model, k=self.cfg.k)
+
+    def _setup_optimizer(self) -> None:
+        """AdamW and its warm-up, then the model, optimizer, scheduler and loader through accelerate."""
+        cfg, accelerator = self.cfg, self.accelerator
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # accelerate steps a prepared scheduler once per process per optimizer step, so the warm-up
+        # is counted in those units to last warmup_steps optimizer steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, LinearWarmup(cfg.warmup_steps * accelerator.num_processes)
+        )
+        if self.streaming:
+            self.model, self.optimizer, self.scheduler = accelerator.prepare(self.model, optimizer, scheduler)
+        else:
+            self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(
+                self.model, optimizer, self.loader, scheduler
+            )
+        if self.deepspeed:
+            self.tracker.model = accelerator.unwrap_model(self.model)
+
+    def _resume(self, path: Path) -> None:
+        """Continue the run of checkpoint ``path``, warning about what changed since."""
+        state = self.load_checkpoint(path)
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.replacement_steps = list(state.get("replacement_steps", []))
+        changed = changed_keys(state["config"], self.cfg, RESUME_FREE_KEYS)
+        if changed:
+            self.console.print(
+                f"warning: resuming with other values of {', '.join(changed)} than the checkpoint"
+            )
+        if state.get("global_batch") != self.global_batch or state.get("train_samples") != self.train_samples:
+            self.console.print(
+                "warning: the global batch or the training set changed; the data order differs"
+            )
+            if self.steps_per_epoch is not None:
+                self.batch_in_epoch = min(self.batch_in_epoch, self.steps_per_epoch)
+        self.console.print(
+            f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})"
+        )
+
+    def _print_plan(self) -> None:
+        cfg, dims = self.cfg, self.dims
+        n_params = sum(p.numel() for p in self.accelerator.unwrap_model(self.model).parameters())
+        self.console.print(
+            f"training an aligner ({n_params:,} parameters; guidance {dims['guidance_dim']}, tokens "
+            f"{dims['num_tokens']} x {dims['image_dim']}) on "
+            f"{'streamed features' if self.streaming else f'{self.train_samples} samples'}"
+            f"{f', validating on {len(self.val_dataset)}' if self.val_loader else ''}; "
+            f"{self.accelerator.num_processes} process(es) x batch {cfg.batch_size} = global batch "
+            f"{self.global_batch}; "
+            f"{f'{self.steps_per_epoch} steps per epoch; ' if self.steps_per_epoch else ''}"
+            f"to step {cfg.max_steps}"
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def position(self) -> dict[str, int]:
+        """The epoch and batch the next step trains on (past an epoch's last batch: the next epoch)."""
+        if self.steps_per_epoch is not None and self.batch_in_epoch >= self.steps_per_epoch:
+            return {"epoch": self.epoch + 1, "batch_in_epoch": 0}
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint ``self.step``: aligner/ (save_pretrained), reference.safetensors, the optimizer,
+        scheduler and RNG states, and the trainer state (data position, tracker, config)."""
+        tracker = self.tracker
+        state = {
+            **self.position(),
+            "replacement_steps": self.replacement_steps,
+            "global_batch": self.global_batch,
+            "train_samples": self.train_samples,
+            "num_processes": self.accelerator.num_processes,
+            "config": config_to_dict(self.cfg),
+            "step": self.step,
+            "tracker": {"k": tracker.k, "count": tracker.count, "replacements": tracker.replacements},
+        }
+        path = write_checkpoint(
+            self.accelerator,
+            self.checkpoints,
+            self.step,
+            state=state,
+            keep=self.cfg.keep_checkpoints,
+            save_model=self._save_model,
+            # ZeRO shards the optimizer state: every process writes its part
+            optimizer=None if self.deepspeed else self.optimizer,
+            scheduler=self.scheduler,
+            save_shard=self._save_deepspeed if self.deepspeed else None,
+        )
+        self.console.print(f"step {self.step}: checkpoint {path}")
+        return path
+
+    def _save_model(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        self.accelerator.unwrap_model(self.model).save_pretrained(folder / "aligner")
+        reference = {k: v.detach().cpu().contiguous() for k, v in self.tracker.reference.state_dict().items()}
+        save_file(reference, folder / "reference.safetensors")
+
+    def _save_deepspeed(self, folder: Path) -> None:
+        self.model.save_checkpoint(str(folder / "deepspeed"), tag="state")
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Restore everything :meth:`save_checkpoint` wrote; returns its trainer state."""
+        return read_checkpoint(
+            path,
+            self.accelerator,
+            load_model=self._load_model,
+            optimizer=None if self.deepspeed else self.optimizer,
+            scheduler=self.scheduler,
+        )
+
+    def _load_model(self, path: Path, state: dict[str, Any]) -> None:
+        from safetensors.torch import load_file
+
+        from img_guidance.aligner import check_state_dict, read_state_dict
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        check_resume_architecture(path, unwrapped.config.to_dict())
+        if self.deepspeed:
+            self.model.load_checkpoint(str(path / "deepspeed"), tag="state")
+        else:
+            weights = read_state_dict(path / "aligner" / "model.safetensors")
+            check_state_dict(unwrapped, weights, str(path / "aligner"))
+            unwrapped.load_state_dict(weights)
+        reference = load_file(path / "reference.safetensors")
+        self.tracker.load_state_dict({**state["tracker"], "reference": reference})
+
+    # -- training ------------------------------------------------------------------------------------
+
+    def epoch_batches(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of ``epoch`` from its ``start``-th on, on this process's device."""
+        from accelerate.utils import send_to_device
+
+        accelerator = self.accelerator
+        if not self.streaming:
+            self.loader.set_epoch(epoch)
+            self.sampler.set_position(epoch, start)
+            yield from self.loader
+            return
+        if start:
+            self.console.print(
+                f"skipping {start} batches to the resume position (their features are recomputed)"
+            )
+        # processes may hold different numbers of samples: the epoch ends for all when one runs out
+        for seen, batch in enumerate(itertools.chain(self.loader, [None])):
+            ready = torch.tensor([batch is not None], dtype=torch.int64, device=accelerator.device)
+            if int(accelerator.reduce(ready, "sum")) < accelerator.num_processes:
+                return
+            if seen >= start:
+                yield send_to_device(batch, accelerator.device)
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimizer step; returns the loss and its logged parts averaged over processes (and the
+        gradient norm when clipped). Raises :class:`TrainingDiverged` before stepping on a non-finite loss."""
+        from img_guidance.objective import iupo_loss
+
+        cfg, accelerator, model = self.cfg, self.accelerator, self.model
+        guidance, mask = batch["guidance"], batch["guidance_mask"]  # [B, L, G], [B, L]
+        tokens_l, tokens_w = batch["tokens_l"], batch["tokens_w"]  # [B, N, D]
+        pred = model(guidance, tokens_l, mask)
+        with torch.no_grad(), accelerator.autocast():
+            ref_pred = self.tracker.reference(guidance, tokens_l, mask)
+        loss, parts = iupo_loss(pred, ref_pred, tokens_w, tokens_l, lam=cfg.lam, terms=cfg.terms)
+
+        # one all-reduce serves the logs and the finiteness check, so all processes stop together
+        local = torch.stack([loss.detach().float(), *(parts[name].float() for name in LOGGED_PARTS)])
+        values = dict(zip(("loss", *LOGGED_PARTS), accelerator.reduce(local, "mean").tolist(), strict=True))
+        bad = [f"{name}={value}" for name, value in values.items() if not math.isfinite(value)]
+        if bad:
+            raise TrainingDiverged(f"step {self.step + 1}: non-finite loss ({', '.join(bad)})")
+
+        accelerator.backward(loss)
+        if cfg.grad_clip > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if grad_norm is not None:
+                values["grad_norm"] = float(grad_norm)
+                # fp16 overflows are the grad scaler's business: it skips those steps
+                if not math.isfinite(values["grad_norm"]) and cfg.mixed_precision != "fp16":
+                    raise TrainingDiverged(f"step {self.step + 1}: non-finite gradient norm ({grad_norm})")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.tracker.observe(parts["policy_error"], parts["reference_error"]):
+            self.replacement_steps.append(self.step + 1)
+        self.step += 1
+        self.batch_in_epoch += 1
+        return values
+
+    def train(self) -> dict[str, Any]:
+        """Train from where :meth:`setup` left the run to ``max_steps``, then save the final aligner;
+        returns the summary. A non-finite loss raises :class:`TrainingDiverged`, nothing saved after
+        the last good step."""
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        columns = (
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+        )
+        self.progress = Progress(*columns, console=self.console, disable=not self.accelerator.is_main_process)
+        self.task = self.progress.add_task("train", total=self.cfg.max_steps, completed=self.step, status="")
+        # samples/s counts the time of training steps (data loading included), not validation or saving
+        self.window: dict[str, float] = {}
+        self.window_steps, self.window_seconds, self.clock = 0, 0.0, time.perf_counter()
+
+        self.model.train()
+        self.progress.start()
+        try:
+            while self.step < self.cfg.max_steps:
+                self._train_epoch()
+        except TrainingDiverged as err:
+            raise diverged(err, self.checkpoints) from err
+        finally:
+            self.progress.stop()
+        final = self._save_final()
+        tracker = self.tracker
+        return {
+            "step": self.step,
+            "final_dir": str(final),
+            "history": self.history,
+            "validations": self.validations,
+            "replacement_steps": self.replacement_steps,
+            "tracker": {"k": tracker.k, "count": tracker.count, "replacements": tracker.replacements},
+        }
+
+    def _train_epoch(self) -> None:
+        """Train from the run's position to the end of its epoch, or to ``max_steps``."""
+        here = self.position()
+        self.epoch, self.batch_in_epoch = here["epoch"], here["batch_in_epoch"]
+        first_step = self.step
+        for batch in self.epoch_batches(self.epoch, self.batch_in_epoch):
+            values = self.train_step(batch)
+            self._after_step(values)
+            if self.step >= self.cfg.max_steps:
+                return
+        if self.step == first_step and self.batch_in_epoch == 0:
+            raise ConfigError("the training data gave no batch")
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def _after_step(self, values: dict[str, float]) -> None:
+        """Log, validate and checkpoint on their schedules."""
+        cfg, step = self.cfg, self.step
+        for name, value in values.items():
+            self.window[name] = self.window.get(name, 0.0) + value
+        self.window_steps += 1
+        self.window_seconds += time.perf_counter() - self.clock  # the clock restarts after saving
+        self.progress.update(self.task, completed=step, status=f"loss {values['loss']:.4g}")
+        if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            self._log_window()
+        if self.val_loader is not None and (step % cfg.validate_every == 0 or step == cfg.max_steps):
+            self._validate()
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            self.save_checkpoint()
+        self.clock = time.perf_counter()
+
+    def _log_window(self) -> None:
+        """Log the means of the steps since the last log, and the reference, lr and throughput."""
+        row = {f"train/{name}": total / self.window_steps for name, total in self.window.items()}
+        row |= {
+            "train/reference_replacements": self.tracker.replacements,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/samples_per_s": self.window_steps * self.global_batch / max(self.window_seconds, 1e-9),
+        }
+        self.accelerator.log(row, step=self.step)
+        self.history.append({"step": self.step, **row})
+        self.window, self.window_steps, self.window_seconds = {}, 0, 0.0
+
+    def _validate(self) -> None:
+        result = validate(self.accelerator, self.model, self.val_loader)
+        self.accelerator.log(result, step=self.step)
+        self.validations.append({"step": self.step, **result})
+        self.console.print(
+            f"step {self.step}: validation L_base {result['val/L_base']:.4g} "
+            f"(inputs {result['val/input_distance']:.4g}), "
+            f"closer to w: {result['val/closer_fraction']:.1%}"
+        )
+
+    def _save_final(self) -> Path:
+        """OUTPUT/final: the trained aligner (main process)."""
+        final = self.output / "final"
+        if self.accelerator.is_main_process:
+            write_folder(final, self.accelerator.unwrap_model(self.model).save_pretrained)
+            self.console.print(
+                f"done: {self.step} steps, {self.tracker.replacements} reference replacements; "
+                f"aligner in {final}"
+            )
+        return final
+
+    # -- cleanup -------------------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Record the steps at which this process replaced the reference, and end the trackers."""
+        record = self.output / "logs" / f"reference_replacements.process{self.accelerator.process_index}.json"
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"steps": self.replacement_steps, "last_step": self.step}) + "\n")
+        self.accelerator.end_training()
 
 
 def train(
@@ -530,10 +893,15 @@ def train(
     order each epoch (a resumed run re-reads the batches it skips).
     Raises :class:`TrainingDiverged` on a non-finite loss, after the last good checkpoint.
     """
+    recipe = AlignerRecipe(cfg, resume=resume, dataset=dataset, val_dataset=val_dataset)
     try:
-        return _train(cfg, resume=resume, dataset=dataset, val_dataset=val_dataset)
+        recipe.setup()
+        try:
+            return recipe.train()
+        finally:
+            recipe.cleanup()
     except BaseException:
-        remove_unstarted_run(Path(cfg.output_dir))
+        remove_unstarted_run(recipe.output)
         raise
 
 
@@ -555,314 +923,6 @@ def remove_unstarted_run(output: Path) -> None:
             folder.rmdir()  # only where empty
 
 
-def _train(
-    cfg: TrainConfig,
-    *,
-    resume: str | bool | None = None,
-    dataset: Dataset | None = None,
-    val_dataset: Dataset | None = None,
-) -> dict[str, Any]:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, ProjectConfiguration, send_to_device, set_seed
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from img_guidance.features.cache import collate_features
-    from img_guidance.objective import ReferenceTracker, iupo_loss
-
-    # -- setup ---------------------------------------------------------------------------------
-    check_config(cfg, dataset_given=dataset is not None)
-    output = Path(cfg.output_dir)
-    checkpoints = output / "checkpoints"
-    resume_from = resolve_resume(resume, checkpoints)
-    if resume_from is None and list_checkpoints(checkpoints):
-        raise ConfigError(
-            f"{checkpoints} already holds checkpoints: pass --resume to continue that run, "
-            "or choose another output_dir"
-        )
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        log_with=list(dict.fromkeys(["tensorboard", *cfg.report_to])),  # TensorBoard always
-        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
-    )
-    console = Console(quiet=not accelerator.is_main_process, highlight=False, soft_wrap=True, markup=False)
-    set_seed(cfg.seed)
-    if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        for stale in remove_stale_temps(checkpoints):
-            console.print(f"removed {stale}, a checkpoint a killed run did not finish")
-        import yaml
-
-        (output / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    accelerator.wait_for_everyone()
-
-    if dataset is None:
-        dataset, opened_val = open_datasets(cfg, accelerator)
-        val_dataset = val_dataset if val_dataset is not None else opened_val
-    dims = dataset_dims(dataset)
-    # A map-style dataset (the cache) goes through the seeded epoch sampler and accelerate's batch
-    # sharding; an iterable one (online features) deals its samples over the processes itself.
-    streaming = isinstance(dataset, IterableDataset)
-    train_indices = None if streaming else list(range(len(dataset)))
-    if cfg.val_fraction > 0:
-        if streaming:
-            raise ConfigError(
-                "val_fraction needs a map-style dataset; give streamed features a val_cache_dir"
-            )
-        train_indices, val_indices = split_indices(len(dataset), cfg.val_fraction, cfg.seed)
-        val_dataset = Subset(dataset, val_indices)
-    train_samples = None if streaming else len(train_indices)
-    if val_dataset is not None and dataset_dims(val_dataset) != dims:
-        raise ConfigError(
-            f"validation features have dims {dataset_dims(val_dataset)}, training features {dims}"
-        )
-
-    global_batch = cfg.batch_size * accelerator.num_processes
-    sampler = None if streaming else EpochSampler(train_indices, global_batch=global_batch, seed=cfg.seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        drop_last=True,
-        collate_fn=collate_features,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-    )
-    steps_per_epoch = None if streaming else sampler.batches_per_epoch
-    val_loader = None
-    if val_dataset is not None and len(val_dataset) > 0 and cfg.validate_every > 0:
-        # each process scores every num_processes-th held-out sample; sums are reduced
-        shard = Subset(
-            val_dataset, range(accelerator.process_index, len(val_dataset), accelerator.num_processes)
-        )
-        val_loader = DataLoader(shard, batch_size=cfg.batch_size, collate_fn=collate_features)
-
-    model = build_aligner(cfg, dims).to(accelerator.device)
-    # the reference is a fresh random aligner (paper), broadcast from process 0
-    tracker = ReferenceTracker(model, k=cfg.k)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # accelerate steps a prepared scheduler once per process per optimizer step, so the warm-up
-    # is counted in those units to last warmup_steps optimizer steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, LinearWarmup(cfg.warmup_steps * accelerator.num_processes)
-    )
-    if streaming:
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    else:
-        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        tracker.model = accelerator.unwrap_model(model)
-
-    step, epoch, batch_in_epoch, replacement_steps = 0, 0, 0, []
-    if resume_from is not None:
-        state = load_checkpoint(
-            resume_from, accelerator, model=model, tracker=tracker, optimizer=optimizer, scheduler=scheduler
-        )
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        replacement_steps = list(state.get("replacement_steps", []))
-        changed = sorted(
-            k
-            for k, v in state["config"].items()
-            if k not in RESUME_FREE_KEYS and config_to_dict(cfg).get(k, v) != v
-        )
-        if changed:
-            console.print(f"warning: resuming with other values of {', '.join(changed)} than the checkpoint")
-        if state.get("global_batch") != global_batch or state.get("train_samples") != train_samples:
-            console.print("warning: the global batch or the training set changed; the data order differs")
-            if steps_per_epoch is not None:
-                batch_in_epoch = min(batch_in_epoch, steps_per_epoch)
-        console.print(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-
-    accelerator.init_trackers(
-        TRACKER_PROJECT,
-        config=_hparams(cfg),
-        init_kwargs={"wandb": {"name": output.name, "dir": str(output)}},
-    )
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    console.print(
-        f"training an aligner ({n_params:,} parameters; guidance {dims['guidance_dim']}, tokens "
-        f"{dims['num_tokens']} x {dims['image_dim']}) on "
-        f"{'streamed features' if streaming else f'{train_samples} samples'}"
-        f"{f', validating on {len(val_dataset)}' if val_loader else ''}; {accelerator.num_processes} "
-        f"process(es) x batch {cfg.batch_size} = global batch {global_batch}; "
-        f"{f'{steps_per_epoch} steps per epoch; ' if steps_per_epoch else ''}to step {cfg.max_steps}"
-    )
-
-    def position() -> dict[str, int]:
-        if steps_per_epoch is not None and batch_in_epoch >= steps_per_epoch:
-            return {"epoch": epoch + 1, "batch_in_epoch": 0}
-        return {"epoch": epoch, "batch_in_epoch": batch_in_epoch}
-
-    def epoch_batches(epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        """The batches of ``epoch`` from its ``start``-th on, on this process's device."""
-        if not streaming:
-            loader.set_epoch(epoch)
-            sampler.set_position(epoch, start)
-            yield from loader
-            return
-        if start:
-            console.print(f"skipping {start} batches to the resume position (their features are recomputed)")
-        # processes may hold different numbers of samples: the epoch ends for all when one runs out
-        for seen, batch in enumerate(itertools.chain(loader, [None])):
-            ready = torch.tensor([batch is not None], dtype=torch.int64, device=accelerator.device)
-            if int(accelerator.reduce(ready, "sum")) < accelerator.num_processes:
-                return
-            if seen >= start:
-                yield send_to_device(batch, accelerator.device)
-
-    def checkpoint() -> Path:
-        state = {
-            **position(),
-            "replacement_steps": replacement_steps,
-            "global_batch": global_batch,
-            "train_samples": train_samples,
-            "num_processes": accelerator.num_processes,
-            "config": config_to_dict(cfg),
-        }
-        path = save_checkpoint(
-            accelerator,
-            checkpoints,
-            step,
-            model=model,
-            tracker=tracker,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            state=state,
-            keep=cfg.keep_checkpoints,
-        )
-        console.print(f"step {step}: checkpoint {path}")
-        return path
-
-    history: list[dict[str, float]] = []
-    validations: list[dict[str, float]] = []
-    window: dict[str, float] = {}
-    # samples/s counts the time of training steps (data loading included), not validation or saving
-    window_steps, window_seconds, clock = 0, 0.0, time.perf_counter()
-    columns = (
-        TextColumn("[bold]train[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-    )
-    progress = Progress(*columns, console=console, disable=not accelerator.is_main_process)
-    task = progress.add_task("train", total=cfg.max_steps, completed=step, status="")
-
-    # -- train loop ------------------------------------------------------------------------------
-    model.train()
-    progress.start()
-    try:
-        while step < cfg.max_steps:
-            here = position()
-            epoch, batch_in_epoch = here["epoch"], here["batch_in_epoch"]
-            first_step = step
-            for batch in epoch_batches(epoch, batch_in_epoch):
-                guidance, mask = batch["guidance"], batch["guidance_mask"]  # [B, L, G], [B, L]
-                tokens_l, tokens_w = batch["tokens_l"], batch["tokens_w"]  # [B, N, D]
-                pred = model(guidance, tokens_l, mask)
-                with torch.no_grad(), accelerator.autocast():
-                    ref_pred = tracker.reference(guidance, tokens_l, mask)
-                loss, parts = iupo_loss(pred, ref_pred, tokens_w, tokens_l, lam=cfg.lam, terms=cfg.terms)
-
-                # one all-reduce serves the logs and the finiteness check, so all processes stop together
-                local = torch.stack([loss.detach().float(), *(parts[name].float() for name in LOGGED_PARTS)])
-                reduced = accelerator.reduce(local, "mean").tolist()
-                values = dict(zip(("loss", *LOGGED_PARTS), reduced, strict=True))
-                bad = [f"{name}={value}" for name, value in values.items() if not math.isfinite(value)]
-                if bad:
-                    raise TrainingDiverged(f"step {step + 1}: non-finite loss ({', '.join(bad)})")
-
-                accelerator.backward(loss)
-                if cfg.grad_clip > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    if grad_norm is not None:
-                        values["grad_norm"] = float(grad_norm)
-                        # fp16 overflows are the grad scaler's business: it skips those steps
-                        if not math.isfinite(values["grad_norm"]) and cfg.mixed_precision != "fp16":
-                            raise TrainingDiverged(f"step {step + 1}: non-finite gradient norm ({grad_norm})")
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if tracker.observe(parts["policy_error"], parts["reference_error"]):
-                    replacement_steps.append(step + 1)
-                step += 1
-                batch_in_epoch += 1
-
-                for name, value in values.items():
-                    window[name] = window.get(name, 0.0) + value
-                window_steps += 1
-                window_seconds, clock = window_seconds + time.perf_counter() - clock, time.perf_counter()
-                progress.update(task, completed=step, status=f"loss {values['loss']:.4g}")
-                if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                    row = {f"train/{name}": total / window_steps for name, total in window.items()}
-                    row |= {
-                        "train/reference_replacements": tracker.replacements,
-                        "train/lr": scheduler.get_last_lr()[0],
-                        "train/samples_per_s": window_steps * global_batch / max(window_seconds, 1e-9),
-                    }
-                    accelerator.log(row, step=step)
-                    history.append({"step": step, **row})
-                    window, window_steps, window_seconds = {}, 0, 0.0
-                if val_loader is not None and (step % cfg.validate_every == 0 or step == cfg.max_steps):
-                    result = validate(accelerator, model, val_loader)
-                    accelerator.log(result, step=step)
-                    validations.append({"step": step, **result})
-                    console.print(
-                        f"step {step}: validation L_base {result['val/L_base']:.4g} "
-                        f"(inputs {result['val/input_distance']:.4g}), "
-                        f"closer to w: {result['val/closer_fraction']:.1%}"
-                    )
-                if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                    checkpoint()
-                clock = time.perf_counter()
-                if step >= cfg.max_steps:
-                    break
-            else:  # the epoch ran out
-                if step == first_step and batch_in_epoch == 0:
-                    raise ConfigError("the training data gave no batch")
-                epoch, batch_in_epoch = epoch + 1, 0
-    except TrainingDiverged as err:
-        last = latest_checkpoint(checkpoints)
-        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
-        raise TrainingDiverged(f"{err}; training stopped without saving this step; {where}") from err
-    finally:
-        progress.stop()
-        # which steps replaced the reference, as this process saw it
-        record = output / "logs" / f"reference_replacements.process{accelerator.process_index}.json"
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"steps": replacement_steps, "last_step": step}) + "\n")
-        accelerator.end_training()
-
-    # -- cleanup: the final aligner ----------------------------------------------------------------
-    final = output / "final"
-    if accelerator.is_main_process:
-        staging = output / ".tmp-final"
-        shutil.rmtree(staging, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(staging)
-        publish(staging, final)
-        console.print(
-            f"done: {step} steps, {tracker.replacements} reference replacements; aligner in {final}"
-        )
-    return {
-        "step": step,
-        "final_dir": str(final),
-        "history": history,
-        "validations": validations,
-        "replacement_steps": replacement_steps,
-        "tracker": {"k": tracker.k, "count": tracker.count, "replacements": tracker.replacements},
-    }
-
-
 # -- command line ----------------------------------------------------------------------------------
 
 USAGE = """usage: train_aligner CONFIG [key=value ...] [--resume [PATH]]
@@ -880,12 +940,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
+    "AlignerRecipe",
     "EpochSampler",
     "TrainConfig",
     "TrainingDiverged",
     "check_config",
     "main",
     "open_datasets",
+    "resolve_resume",
     "split_indices",
     "train",
 ]
