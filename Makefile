@@ -42,11 +42,11 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/aligner.py
-	$(BIN)/python benchmarks/pipeline_cost.py
-	$(BIN)/python benchmarks/training.py
-	$(BIN)/python benchmarks/detector.py
-	$(BIN)/python benchmarks/shapes_judge.py
+	$(BIN)/python -m benchmarks.aligner
+	$(BIN)/python -m benchmarks.pipeline_cost
+	$(BIN)/python -m benchmarks.training
+	$(BIN)/python -m benchmarks.detector
+	$(BIN)/python -m benchmarks.shapes_judge
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

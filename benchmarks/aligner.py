@@ -13,9 +13,9 @@ batch 8 by default, it measures:
 
 "bfloat16" means weights and activations in bf16 (as with ``--dtype bfloat16``), not autocast.
 
-    python benchmarks/aligner.py                       # both sizes, fp32 and bf16, on this CPU
-    python benchmarks/aligner.py --models sdxl --dtypes float32 --repeats 3
-    python benchmarks/aligner.py --device cuda --batch 8
+    python -m benchmarks.aligner                       # both sizes, fp32 and bf16, on this CPU
+    python -m benchmarks.aligner --models sdxl --dtypes float32 --repeats 3
+    python -m benchmarks.aligner --device cuda --batch 8
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ Part 2 measures the recipe's training throughput (samples/s) at tiny size on thi
 tests' random-weight LLaVA and a tiny triplet parquet, full and LoRA, through ``finetune``.
 
 Part 1 computes (does not measure) the memory of one training process: LLaVA-1.5 is built at its
-published size from the config values written below on the meta device (nothing is allocated or
-downloaded), its parameters are counted per component, and the LoRA parameters are counted by
-wrapping that meta model with peft's ``get_peft_model``. Modes, as the detector recipe trains them
-(vision tower frozen; projector and language model trained; AdamW; accelerate bf16 mixed precision):
+published size from the config values in ``benchmarks/configs.py`` on the meta device (nothing is
+allocated or downloaded), its parameters are counted per component, and the LoRA parameters are
+counted by wrapping that meta model with peft's ``get_peft_model``. Modes, as the detector recipe
+trains them (vision tower frozen; projector and language model trained; AdamW; accelerate bf16 mixed
+precision):
 
 - full: projector + language model trained;
 - LoRA: r = 128, alpha = 256 on q/k/v/o/gate/up/down of the language model (LLaVA's LoRA recipe),
@@ -54,22 +55,29 @@ layer's activations, the optimizer step the gradients and its temporaries. The F
 two gathered units in bf16 (current + prefetched) and one unit's fp32 gradients before the
 reduce-scatter, a unit being a decoder layer or the embedding + LM head.
 
-    python benchmarks/detector.py                          # both sizes, batch 4, SDPA; then part 2
-    python benchmarks/detector.py --skip-timing            # part 1 only, about 7 s
-    python benchmarks/detector.py --batch-size 8 --attention eager --json detector.json
-    python benchmarks/detector.py --sizes 7b --seq-len 700 --lora-dropout 0 --adamw fused
+    python -m benchmarks.detector                          # both sizes, batch 4, SDPA; then part 2
+    python -m benchmarks.detector --skip-timing            # part 1 only, about 7 s
+    python -m benchmarks.detector --batch-size 8 --attention eager --json detector.json
+    python -m benchmarks.detector --sizes 7b --seq-len 700 --lora-dropout 0 --adamw fused
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 
-GIB = 1024**3
+if not __package__:
+    sys.exit("run the benchmarks from the repository root as modules: python -m benchmarks.detector")
+
+from benchmarks.configs import LLAVA, LLAVA_TEXT, LLAVA_VISION
+from benchmarks.configs import LLAVA_PARAMS as PUBLISHED_PARAMS
+from benchmarks.meter import GIB, gib
+
 GPU_GIB = (24, 40, 80)
 OVERHEAD_BYTES = 1.0 * GIB  # CUDA context, cuBLAS / attention workspaces, allocator slack (a floor)
 # NF4 with double quantization: 4-bit codes, 8-bit absmax per 64 weights, fp32 absmax per 256 blocks
@@ -77,48 +85,15 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 MODES = ("full", "lora", "qlora")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# ---------------------------------------------------------------------------------------------
-# Published config values (llava-hf/llava-1.5-{7b,13b}-hf: config.json), nothing is downloaded
-# ---------------------------------------------------------------------------------------------
-
-# CLIP ViT-L/14-336 (openai/clip-vit-large-patch14-336)
-LLAVA_VISION = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    image_size=336,
-    patch_size=14,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-)
-# Vicuna-7B / 13B v1.5 (Llama-2 shapes), vocabulary 32000 + <image> + <pad>, padded to 32064
-VICUNA = {
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
-}
-VICUNA_SHARED = dict(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=32001)
-# mlp2x_gelu projector on the second-to-last CLIP layer, CLS dropped: 576 image tokens
-LLAVA = dict(
-    image_token_id=32000,
-    projector_hidden_act="gelu",
-    vision_feature_layer=-2,
-    vision_feature_select_strategy="default",
-)
-PUBLISHED_PARAMS = {"7b": 7.06e9, "13b": 13.35e9}  # model cards' rounded totals
-
 
 def llava_config(size: str):
     """The ``LlavaConfig`` of LLaVA-1.5-7B or -13B (``size`` "7b" or "13b")."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    if size not in VICUNA:
-        raise ValueError(f"size must be one of {sorted(VICUNA)}, got {size!r}")
-    text = VICUNA[size]
+    if size not in LLAVA_TEXT:
+        raise ValueError(f"size must be one of {sorted(LLAVA_TEXT)}, got {size!r}")
     return LlavaConfig(
-        vision_config=CLIPVisionConfig(**LLAVA_VISION),
-        text_config=LlamaConfig(**text, **VICUNA_SHARED, num_key_value_heads=text["num_attention_heads"]),
-        **LLAVA,
+        vision_config=CLIPVisionConfig(**LLAVA_VISION), text_config=LlamaConfig(**LLAVA_TEXT[size]), **LLAVA
     )
 
 
@@ -339,10 +314,6 @@ def memory_estimate(
 # ---------------------------------------------------------------------------------------------
 
 
-def gib(x: float, digits: int = 1) -> str:
-    return f"{x / GIB:.{digits}f}"
-
-
 def billions(n: int) -> str:
     return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
@@ -422,10 +393,12 @@ def print_memory(rows: list[dict], batch_size: int) -> None:
         one, one_ckpt, many, many_ckpt = row["estimates"]
         print(
             f"| LLaVA-1.5-{row['size'].upper()} | {row['label']} | {billions(one.trainable)} "
-            f"| {gib(one.weights)} | {gib(one.gradients)} | {gib(one.optimizer)} + {gib(one.optimizer_step)} "
-            f"| {gib(one.autocast_copies + one.fsdp_working_set)} "
-            f"| {gib(one.activations)} / {gib(one_ckpt.activations)} "
-            f"| {gib(one.peak)} / {gib(one_ckpt.peak)} | {gib(many.peak)} / {gib(many_ckpt.peak)} "
+            f"| {gib(one.weights, 1)} | {gib(one.gradients, 1)} "
+            f"| {gib(one.optimizer, 1)} + {gib(one.optimizer_step, 1)} "
+            f"| {gib(one.autocast_copies + one.fsdp_working_set, 1)} "
+            f"| {gib(one.activations, 1)} / {gib(one_ckpt.activations, 1)} "
+            f"| {gib(one.peak, 1)} / {gib(one_ckpt.peak, 1)} "
+            f"| {gib(many.peak, 1)} / {gib(many_ckpt.peak, 1)} "
             f"| {gpu(one)} / {gpu(one_ckpt)} | {gpu(many)} / {gpu(many_ckpt)} |"
         )
 
@@ -445,7 +418,7 @@ NOTES = [
     "Single process, no DDP: DDP's gradient buckets add about the gradients' size again unless "
     "gradient_as_bucket_view=True. ZeRO-3 / FSDP x 8: weights, gradients and AdamW states / 8; "
     "activations are not sharded.",
-    f"Overhead: {gib(OVERHEAD_BYTES)} GiB for the CUDA context and workspaces, a floor; allocator "
+    f"Overhead: {gib(OVERHEAD_BYTES, 1)} GiB for the CUDA context and workspaces, a floor; allocator "
     "fragmentation adds to it. GPU sizes in GiB, nominal: a card exposes a little less.",
 ]
 
@@ -454,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", nargs="+", choices=list(VICUNA), default=list(VICUNA))
+    parser.add_argument("--sizes", nargs="+", choices=list(LLAVA_TEXT), default=list(LLAVA_TEXT))
     parser.add_argument("--batch-size", type=int, default=4, help="per-GPU batch of the second peak column")
     parser.add_argument("--seq-len", type=int, default=680, help="tokens per sample: 576 image + text")
     parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa")

@@ -1,12 +1,13 @@
 """Scoring cost per scorer of ``img-guidance eval``: FLOPs per image at real size, images/s at tiny size.
 
 FLOPs: every scorer's network is built at its published size on the meta device from the config
-values written below (each with the file it comes from), so no weight is allocated and nothing is
-downloaded. One image's forward runs under ``torch.utils.flop_counter.FlopCounterMode``: the image
-tower at the scorer's input size and the text tower at its longest prompt (CLIP-type scorers: 77
-tokens, the most a prompt has, since prompts are padded to the batch's longest; ImageReward: always
-35, its text encoder cross-attending to all 197 image tokens, plus its MLP head). Counted: matmuls,
-convolutions and attention, one multiply-add = 2 FLOPs; norms, activations and softmax are not.
+values in ``benchmarks/configs.py`` (each with the file it comes from), so no weight is allocated
+and nothing is downloaded. One image's forward runs under ``torch.utils.flop_counter.FlopCounterMode``
+(``benchmarks/meter.py``, attention fused as on a GPU): the image tower at the scorer's input size
+and the text tower at its longest prompt (CLIP-type scorers: 77 tokens, the most a prompt has, since
+prompts are padded to the batch's longest; ImageReward: always 35, its text encoder cross-attending
+to all 197 image tokens, plus its MLP head). Counted: matmuls, convolutions and attention, one
+multiply-add = 2 FLOPs; norms, activations and softmax are not.
 
 images/s: each scorer loaded through ``load_scorer`` from tiny random weights (the test factories:
 CLIP width 32 at 30 px; ImageReward ViT width 192 + BERT width 128 at 32 px, converted from its
@@ -16,8 +17,8 @@ runs after a warm-up, taken in rounds over the scorers. At tiny size that measur
 overhead, not the network: the FLOP column is the real-size answer. ``shapes-judge`` and
 ``shapes-checks`` have no network; their images are ShapesWorld's real 32 px.
 
-    nice -n 15 .venv/bin/python benchmarks/eval_cost.py          # about 20 s on 2 busy cores
-    nice -n 15 .venv/bin/python benchmarks/eval_cost.py --batch 32 --repeats 9 --threads 2 --json cost.json
+    nice -n 15 .venv/bin/python -m benchmarks.eval_cost          # about 20 s on 2 busy cores
+    nice -n 15 .venv/bin/python -m benchmarks.eval_cost --batch 32 --repeats 9 --threads 2 --json cost.json
 """
 
 from __future__ import annotations
@@ -27,101 +28,26 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-# ---------------------------------------------------------------------------------------------
-# Published config values (facts, written out so that nothing is downloaded)
-# ---------------------------------------------------------------------------------------------
+if not __package__:
+    sys.exit("run the benchmarks from the repository root as modules: python -m benchmarks.eval_cost")
 
-# openai/clip-vit-large-patch14: config.json (clip-score)
-CLIP_L14 = dict(
-    text_config=dict(
-        vocab_size=49408,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-    ),
-    vision_config=dict(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=224,
-        patch_size=14,
-        hidden_act="quick_gelu",
-    ),
-    projection_dim=768,
+from benchmarks.configs import (
+    CLIP_B32,
+    CLIP_H14,
+    CLIP_L14,
+    CLIP_TEXT_TOKENS,
+    IMAGEREWARD_TOKENS,
+    OPEN_CLIP_VIT_H14,
 )
-# yuvalkirstain/PickScore_v1: config.json (= laion/CLIP-ViT-H-14-laion2B-s32B-b79K's) (pickscore)
-CLIP_H14 = dict(
-    text_config=dict(
-        vocab_size=49408,
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-    ),
-    vision_config=dict(
-        hidden_size=1280,
-        intermediate_size=5120,
-        num_hidden_layers=32,
-        num_attention_heads=16,
-        image_size=224,
-        patch_size=14,
-        hidden_act="gelu",
-    ),
-    projection_dim=1024,
-)
-# openai/clip-vit-base-patch32: config.json (clip-b32)
-CLIP_B32 = dict(
-    text_config=dict(
-        vocab_size=49408,
-        hidden_size=512,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=8,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-    ),
-    vision_config=dict(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        image_size=224,
-        patch_size=32,
-        hidden_act="quick_gelu",
-    ),
-    projection_dim=512,
-)
-# open_clip src/open_clip/model_configs/ViT-H-14.json (HPS v2 and v2.1's architecture): embed_dim 1024;
-# vision width 1280, 32 layers, head_width 80, patch 14, 224 px, MLP ratio 4; text width 1024, 24
-# layers, 16 heads, context 77, vocabulary 49408
-OPEN_CLIP_VIT_H14 = dict(
-    embed_dim=1024,
-    vision_width=1280,
-    vision_layers=32,
-    patch=14,
-    image_size=224,
-    text_width=1024,
-    text_layers=24,
-    context=77,
-    vocab=49408,
-)
-CLIP_TEXT_TOKENS = 77
-IMAGEREWARD_TOKENS = 35
+from benchmarks.meter import build, measure, meta, meta_ids
 
 
 @dataclass
@@ -139,35 +65,19 @@ class Row:
         return self.image_flops + self.text_flops
 
 
-def count(fn: Callable[[], object]) -> int:
-    """FLOPs of ``fn`` (a forward on meta tensors)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def meta(*shape: int) -> torch.Tensor:
-    return torch.empty(*shape, device="meta")
-
-
-def meta_ids(*shape: int) -> torch.Tensor:
-    return torch.zeros(*shape, device="meta", dtype=torch.long)
-
-
 def clip_row(scorer: str, network: str, values: dict) -> Row:
     """A transformers CLIPModel built from ``values`` on meta: one image at its size, one 77-token text."""
     from transformers import CLIPConfig, CLIPModel
 
     config = CLIPConfig(**values)
-    with torch.device("meta"):
-        model = CLIPModel(config).eval()
+    model = build(lambda: CLIPModel(config))
     size = config.vision_config.image_size
     return Row(
         scorer=scorer,
         network=network,
         params=sum(p.numel() for p in model.parameters()),
-        image_flops=count(lambda: model.get_image_features(pixel_values=meta(1, 3, size, size))),
-        text_flops=count(lambda: model.get_text_features(input_ids=meta_ids(1, CLIP_TEXT_TOKENS))),
+        image_flops=measure(lambda: model.get_image_features(pixel_values=meta(1, 3, size, size))).flops,
+        text_flops=measure(lambda: model.get_text_features(input_ids=meta_ids(1, CLIP_TEXT_TOKENS))).flops,
     )
 
 
@@ -200,8 +110,7 @@ def imagereward_row() -> Row:
     med_config.json BERT-base, the MLP head; see img_guidance/eval/imagereward.py) on meta."""
     from img_guidance.eval.imagereward import ImageRewardModel
 
-    with torch.device("meta"):
-        model = ImageRewardModel().eval()
+    model = build(ImageRewardModel)
     size = model.image_size
     tokens = 1 + (size // model.vision_model.config.patch_size) ** 2
     width = model.vision_model.config.hidden_size
@@ -219,8 +128,8 @@ def imagereward_row() -> Row:
         scorer="imagereward",
         network="BLIP ViT-L/16 + BERT-base (cross-attention) + MLP",
         params=sum(p.numel() for p in model.parameters()),
-        image_flops=count(lambda: model.vision_model(pixel_values=meta(1, 3, size, size))),
-        text_flops=count(text_and_head),
+        image_flops=measure(lambda: model.vision_model(pixel_values=meta(1, 3, size, size))).flops,
+        text_flops=measure(text_and_head).flops,
     )
 
 

@@ -1,9 +1,10 @@
 """Compute and weight memory of one IMG image (1024x1024) at the real model sizes, stage by stage.
 
-Every network is built at its published size on the meta device from the config values written
-below (each with the file it comes from), so no weight is allocated and nothing is downloaded. Each
-stage's forward runs once on meta tensors under ``torch.utils.flop_counter.FlopCounterMode`` and is
-multiplied by how often one image calls it:
+Every network is built at its published size on the meta device from the config values in
+``benchmarks/configs.py`` (each with the file it comes from), so no weight is allocated and nothing
+is downloaded. Each stage's forward runs once on meta tensors under
+``torch.utils.flop_counter.FlopCounterMode`` (``benchmarks/meter.py``) and is multiplied by how often
+one image calls it:
 
 - base generation: the text encoders once, the UNet / transformer once per step (SDXL: 50 steps,
   CFG = batch 2 per step; FLUX.1-dev: 30 steps, the official IMG true CFG 3.5 = two forwards per
@@ -23,9 +24,9 @@ rough estimate: the peak of live tensors (weights excluded) during the stage's f
 bf16 (SDXL's VAE in fp32, as diffusers runs it for fp16 SDXL), the fused attention's scores never
 materialised. Weights-only peaks under the three offload modes follow from the parameter counts.
 
-    python benchmarks/pipeline_cost.py                          # all tables, about 30 s on 2 cores
-    python benchmarks/pipeline_cost.py --steps-sdxl 30 --steps-flux 28 --guidance-length 700
-    python benchmarks/pipeline_cost.py --qwen-image-size 448 --json cost.json
+    python -m benchmarks.pipeline_cost                          # all tables, about 30 s on 2 cores
+    python -m benchmarks.pipeline_cost --steps-sdxl 30 --steps-flux 28 --guidance-length 700
+    python -m benchmarks.pipeline_cost --qwen-image-size 448 --json cost.json
 """
 
 from __future__ import annotations
@@ -35,225 +36,54 @@ import json
 import math
 import sys
 import time
-import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
-GIB = 1024**3
-BF16 = torch.bfloat16
+if not __package__:
+    sys.exit("run the benchmarks from the repository root as modules: python -m benchmarks.pipeline_cost")
 
-# ---------------------------------------------------------------------------------------------
-# Published config values (facts, written out so that nothing is downloaded)
-# ---------------------------------------------------------------------------------------------
+from benchmarks.configs import (
+    CLIP_BIGG_TEXT,
+    CLIP_H_VISION,
+    CLIP_L_TEXT,
+    CLIP_L_VISION,
+    FLUX_IP_TOKENS,
+    FLUX_TRANSFORMER,
+    FLUX_VAE,
+    LLAVA,
+    LLAVA_IMAGE_TOKENS,
+    LLAVA_TEXT,
+    LLAVA_VISION,
+    PUBLISHED_PARAMS,
+    QWEN_MAX_PIXELS,
+    QWEN_MIN_PIXELS,
+    QWEN_TEXT,
+    QWEN_VISION,
+    SDXL_IP_TOKENS,
+    SDXL_RESAMPLER,
+    SDXL_UNET,
+    SDXL_VAE,
+    T5_XXL,
+)
+from benchmarks.meter import (
+    BF16,
+    GIB,
+    Cost,
+    build,
+    causal_mask,
+    gib,
+    measure,
+    meta,
+    meta_ids,
+    tflops,
+    weight_bytes,
+)
 
-# stabilityai/stable-diffusion-xl-base-1.0: unet/config.json
-SDXL_UNET = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    attention_head_dim=(5, 10, 20),
-    transformer_layers_per_block=(1, 2, 10),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32,
-    act_fn="silu",
-    flip_sin_to_cos=True,
-    freq_shift=0,
-)
-# stabilityai/stable-diffusion-xl-base-1.0: vae/config.json (force_upcast: true)
-SDXL_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    act_fn="silu",
-    sample_size=1024,
-    scaling_factor=0.13025,
-    force_upcast=True,
-)
-# stabilityai/stable-diffusion-xl-base-1.0: text_encoder/config.json (= openai/clip-vit-large-patch14 text)
-CLIP_L_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
-# stabilityai/stable-diffusion-xl-base-1.0: text_encoder_2/config.json (OpenCLIP ViT-bigG/14 text)
-CLIP_BIGG_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_hidden_layers=32,
-    num_attention_heads=20,
-    max_position_embeddings=77,
-    hidden_act="gelu",
-    projection_dim=1280,
-)
-# black-forest-labs/FLUX.1-dev: transformer/config.json
-FLUX_TRANSFORMER = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
-# black-forest-labs/FLUX.1-dev: text_encoder_2/config.json (google/t5-v1_1-xxl, encoder only)
-T5_XXL = dict(
-    vocab_size=32128,
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    feed_forward_proj="gated-gelu",
-    layer_norm_epsilon=1e-6,
-    tie_word_embeddings=False,
-)
-# black-forest-labs/FLUX.1-dev: vae/config.json
-FLUX_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=16,
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2,
-    norm_num_groups=32,
-    act_fn="silu",
-    sample_size=1024,
-    scaling_factor=0.3611,
-    shift_factor=0.1159,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-)
-# h94/IP-Adapter: models/image_encoder/config.json (OpenCLIP ViT-H/14 vision, with projection)
-CLIP_H_VISION = dict(
-    hidden_size=1280,
-    intermediate_size=5120,
-    num_hidden_layers=32,
-    num_attention_heads=16,
-    image_size=224,
-    patch_size=14,
-    projection_dim=1024,
-    hidden_act="gelu",
-)
-# h94/IP-Adapter: sdxl_models/ip-adapter-plus_sdxl_vit-h (shapes of its image_proj state dict)
-SDXL_RESAMPLER = dict(embed_dims=1280, output_dims=2048, hidden_dims=1280, depth=4, dim_head=64, heads=20)
-SDXL_IP_TOKENS = 16
-# openai/clip-vit-large-patch14: config.json vision_config (the XLabs FLUX IP-Adapter's encoder)
-CLIP_L_VISION = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    image_size=224,
-    patch_size=14,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-)
-# XLabs-AI/flux-ip-adapter: ip_adapter.safetensors (image_proj 768 -> 4 x 4096; k/v 4096 -> 3072)
-FLUX_IP_TOKENS = 4
-# llava-hf/llava-1.5-13b-hf: config.json (Llama-2-13B text, CLIP ViT-L/14-336 vision, 2-layer projector)
-LLAVA_TEXT = dict(
-    vocab_size=32064,
-    hidden_size=5120,
-    intermediate_size=13824,
-    num_hidden_layers=40,
-    num_attention_heads=40,
-    num_key_value_heads=40,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-)
-LLAVA_VISION = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    image_size=336,
-    patch_size=14,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-)
-LLAVA = dict(
-    image_token_id=32000,
-    projector_hidden_act="gelu",
-    vision_feature_layer=-2,
-    vision_feature_select_strategy="default",
-)
-LLAVA_IMAGE_TOKENS = 576  # (336 / 14)^2, CLS dropped
-# Qwen/Qwen2.5-VL-7B-Instruct: config.json
-QWEN_TEXT = dict(
-    vocab_size=152064,
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=128000,
-    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
-    tie_word_embeddings=False,
-)
-QWEN_VISION = dict(
-    depth=32,
-    hidden_act="silu",
-    hidden_size=1280,
-    intermediate_size=3420,
-    num_heads=16,
-    in_channels=3,
-    out_hidden_size=3584,
-    patch_size=14,
-    spatial_merge_size=2,
-    temporal_patch_size=2,
-    window_size=112,
-    fullatt_block_indexes=[7, 15, 23, 31],
-    tokens_per_second=2,
-)
-# Qwen/Qwen2.5-VL-7B-Instruct: preprocessor_config.json
-QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 3136, 12845056
-
-# Published totals to check the builds against: the rounded totals of the model cards / hub pages, and
-# for the aligner the exact count of the official checkpoint's state dict (see img-facts.md).
-PUBLISHED_PARAMS = {
-    "sdxl_unet": (2.567e9, "SDXL UNet (~2.567B)"),
-    "flux_transformer": (11.9e9, "FLUX.1-dev transformer (~11.9B)"),
-    "llava_13b": (13.35e9, "LLaVA-1.5-13B (~13.35B)"),
-    "t5_xxl": (4.76e9, "T5 v1.1 XXL encoder (~4.76B)"),
-    "qwen25vl_7b": (8.29e9, "Qwen2.5-VL-7B (~8.29B)"),
-    "aligner_sdxl": (195_094_528, "aligner_sdxl.pth (exact)"),
-    "aligner_flux": (675_401_728, "aligner_flux.pth (exact)"),
-}
+LLAVA_13B_TEXT = LLAVA_TEXT["13b"]
 
 # ---------------------------------------------------------------------------------------------
 # Pure helpers (tested in tests/test_pipeline_cost.py)
@@ -290,9 +120,9 @@ def llava_flops_closed_form(length: int) -> int:
     CLIP ViT-L/14-336 over 577 tokens (all 24 layers run), the 2-layer projector on 576 features,
     the Llama body over ``length`` tokens (no LM head)."""
     d, ff, layers = (
-        LLAVA_TEXT["hidden_size"],
-        LLAVA_TEXT["intermediate_size"],
-        LLAVA_TEXT["num_hidden_layers"],
+        LLAVA_13B_TEXT["hidden_size"],
+        LLAVA_13B_TEXT["intermediate_size"],
+        LLAVA_13B_TEXT["num_hidden_layers"],
     )
     lm = layers * (2 * length * (4 * d * d + 3 * d * ff) + 4 * length * length * d)
     v, vff = LLAVA_VISION["hidden_size"], LLAVA_VISION["intermediate_size"]
@@ -303,14 +133,6 @@ def llava_flops_closed_form(length: int) -> int:
     vision += 2 * LLAVA_IMAGE_TOKENS * 3 * patch * patch * v  # patch embedding
     projector = 2 * LLAVA_IMAGE_TOKENS * (v * d + d * d)
     return lm + vision + projector
-
-
-def weight_bytes(params: int, quantizable: int = 0, precision: str = "bf16") -> float:
-    """Bytes of weights: bf16 / fp32 for all; int8 / nf4 store ``quantizable`` (linear weight)
-    parameters at 1 / 0.5 byte and the rest in bf16 (scales and absmax blocks not included)."""
-    per_quantized = {"bf16": 2.0, "fp32": 4.0, "int8": 1.0, "nf4": 0.5}[precision]
-    rest = 4.0 if precision == "fp32" else 2.0
-    return quantizable * per_quantized + (params - quantizable) * rest
 
 
 def offload_peaks(
@@ -337,115 +159,6 @@ def offload_peaks(
         "model": (kept + stage_bytes[model_stage], model_stage),
         "sequential": (kept + module_leaf_bytes[leaf_module], leaf_module),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Counting on the meta device
-# ---------------------------------------------------------------------------------------------
-
-
-def meta(*shape: int, dtype: torch.dtype = BF16) -> torch.Tensor:
-    return torch.empty(*shape, device="meta", dtype=dtype)
-
-
-def meta_ids(*shape: int) -> torch.Tensor:
-    return torch.zeros(*shape, device="meta", dtype=torch.long)
-
-
-def causal_mask(length: int) -> torch.Tensor:
-    """A ready 4-d mask: transformers uses it as given (building one from position ids on meta
-    would read tensor values to look for packed sequences)."""
-    return torch.ones(1, 1, length, length, device="meta", dtype=torch.bool)
-
-
-def build(factory: Callable[[], nn.Module], dtype: torch.dtype = BF16) -> nn.Module:
-    with torch.device("meta"):
-        module = factory()
-    return module.to(dtype).eval().requires_grad_(False)
-
-
-class FusedAttention(TorchFunctionMode):
-    """Routes ``F.scaled_dot_product_attention`` on 4-d inputs to the fused (memory-efficient)
-    kernel, as a GPU runs it: FlopCounterMode then counts it with its attention formula, and the
-    score matrix never exists (on meta, SDPA would otherwise take the unfused math path)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        return self._fused(func, args, kwargs)
-
-    @staticmethod
-    def _fused(func, args, kwargs):
-        def bind(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
-            return query, key, value, attn_mask, is_causal, scale
-
-        query, key, value, mask, is_causal, scale = bind(*args, **kwargs)
-        if query.dim() != 4:
-            return func(*args, **kwargs)
-        heads = query.shape[1]
-        if key.shape[1] != heads:  # grouped-query attention: the kernel reads shared heads
-            key, value = (
-                t.as_strided((t.shape[0], heads, *t.shape[2:]), (t.stride(0), 0, *t.stride()[2:]))
-                for t in (key, value)
-            )
-        bias = None
-        if mask is not None:
-            bias = mask if mask.dtype != torch.bool else torch.zeros_like(mask, dtype=query.dtype)
-            bias = bias.expand(query.shape[0], heads, query.shape[2], key.shape[2])
-        return torch.ops.aten._scaled_dot_product_efficient_attention(
-            query, key, value, bias, False, 0.0, bool(is_causal), scale=scale
-        )[0]
-
-
-class LiveBytes(TorchDispatchMode):
-    """Tracks the bytes of tensors created during a forward that are still alive, and their peak."""
-
-    def __init__(self):
-        super().__init__()
-        self.refs: dict[int, int] = {}
-        self.sizes: dict[int, int] = {}
-        self.seen: set[int] = set()
-        self.current = 0
-        self.peak = 0
-
-    def _release(self, tensor_id: int, storage: int) -> None:
-        self.seen.discard(tensor_id)
-        self.refs[storage] -= 1
-        if self.refs[storage] == 0:
-            del self.refs[storage]
-            self.current -= self.sizes.pop(storage)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or id(t) in self.seen:
-                continue
-            storage = t.untyped_storage()
-            key = storage._cdata
-            if key not in self.refs:
-                self.refs[key] = 0
-                self.sizes[key] = storage.nbytes()
-                self.current += self.sizes[key]
-                self.peak = max(self.peak, self.current)
-            self.refs[key] += 1
-            self.seen.add(id(t))
-            weakref.finalize(t, self._release, id(t), key)
-        return out
-
-
-@dataclass
-class Cost:
-    flops: int
-    activation_bytes: int
-
-
-def measure(fn: Callable[[], object]) -> Cost:
-    """FLOPs and peak live activation bytes of ``fn`` (a forward on meta tensors)."""
-    tracker = LiveBytes()
-    with torch.no_grad(), FusedAttention(), FlopCounterMode(display=False) as counter, tracker:
-        fn()
-    return Cost(counter.get_total_flops(), tracker.peak)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -758,13 +471,13 @@ def llava(res: Results, length: int) -> None:
 
     config = LlavaConfig(
         vision_config=hf_config(CLIPVisionConfig, LLAVA_VISION),
-        text_config=hf_config(LlamaConfig, LLAVA_TEXT),
+        text_config=hf_config(LlamaConfig, LLAVA_13B_TEXT),
         **LLAVA,
     )
     config._attn_implementation = "sdpa"
     model = build(lambda: LlavaForConditionalGeneration(config))
     res.add(describe("llava_13b", "LLaVA-1.5-13B", model, skip_quantize=("lm_head",)))
-    hidden = LLAVA_TEXT["hidden_size"]
+    hidden = LLAVA_13B_TEXT["hidden_size"]
 
     def forward():
         # vision tower + projector, then the LM on the embeddings (the 576 image features placed
@@ -775,7 +488,7 @@ def llava(res: Results, length: int) -> None:
             inputs_embeds=meta(1, length, hidden), attention_mask=causal_mask(length), use_cache=False
         )
 
-    head = 2 * length * hidden * LLAVA_TEXT["vocab_size"]
+    head = 2 * length * hidden * LLAVA_13B_TEXT["vocab_size"]
     res.stage(
         "guide_llava",
         Stage(
@@ -984,14 +697,6 @@ def memory_row(p: Pipeline, res: Results, precision: str) -> dict:
         fits_weights=[m for m in weights if weights[m] <= cap],
         fits_with_activations=[m for m in weights if with_act[m] <= cap],
     )
-
-
-def tflops(flops: float) -> str:
-    return f"{flops / 1e12:,.3f}"
-
-
-def gib(n: float) -> str:
-    return f"{n / GIB:.2f}"
 
 
 def print_tables(res: Results, runtime: float) -> dict:

@@ -1,8 +1,8 @@
 """Does a ShapesWorld generator follow its image tokens? Train a candidate generator with its adapter
 jointly from the start, then measure the oracle rows on the validation split.
 
-    python benchmarks/shapes_adapter_probe.py --out runs/probe              # 4 tokens ("j1")
-    python benchmarks/shapes_adapter_probe.py --out runs/probe16 --tokens 16 --coords   # "j2"
+    python -m benchmarks.shapes_adapter_probe --out runs/probe              # 4 tokens ("j1")
+    python -m benchmarks.shapes_adapter_probe --out runs/probe16 --tokens 16 --coords   # "j2"
 
 Training (what the shipped two-stage recipe does not do): the adapter's image encoder is pretrained as
 in ``train_generator`` (kind-per-cell targets) and frozen; then the text encoder, the UNet with its

@@ -1,8 +1,8 @@
 """Does IMG improve alignment? ShapesWorld's judge on a fixed held-out prompt set, for the base model,
 IMG, and the paper's baselines and ablations at equal settings.
 
-    python benchmarks/shapes_eval.py --run runs/shapes            # a finished `shapes train-all` folder
-    python benchmarks/shapes_eval.py --run runs/shapes --split validation   # for choosing settings
+    python -m benchmarks.shapes_eval --run runs/shapes            # a finished `shapes train-all` folder
+    python -m benchmarks.shapes_eval --run runs/shapes --split validation   # for choosing settings
 
 The prompt set is the TEST split of ``split_scenes`` (scenes never used to train any model; its
 two-object scenes include colour-shape combinations the generator never saw together), up to

@@ -14,8 +14,8 @@ what generated images should look like), measures:
 
 It also prints the per-category table for one degraded condition and the renderer's images/s.
 
-    python benchmarks/shapes_judge.py                       # 3 seeds per scene, 32 px
-    python benchmarks/shapes_judge.py --n 1 --size 64 --seed 1
+    python -m benchmarks.shapes_judge                       # 3 seeds per scene, 32 px
+    python -m benchmarks.shapes_judge --n 1 --size 64 --seed 1
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ tests, a tiny Pick-a-Pic parquet):
 Then, computed (not measured), the cache bytes per pair at real sizes and the disk for the 851K
 Pick-a-Pic training pairs.
 
-    python benchmarks/training.py
-    python benchmarks/training.py --pairs 64 --steps 20 --batch-size 8
+    python -m benchmarks.training
+    python -m benchmarks.training --pairs 64 --steps 20 --batch-size 8
 """
 
 from __future__ import annotations
