@@ -70,7 +70,7 @@ def train(pipe, args, log) -> float:
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
-    from img_guidance.shapes import train_generator as tg
+    from img_guidance.recipes import train_shapes_generator as tg
     from img_guidance.shapes.grammar import all_scenes, describe
     from img_guidance.shapes.models import to_pixels
 
@@ -123,7 +123,7 @@ def train(pipe, args, log) -> float:
 
 
 def evaluate(pipe, args, log) -> dict:
-    from img_guidance.shapes import train_generator as tg
+    from img_guidance.recipes import train_shapes_generator as tg
     from img_guidance.shapes.grammar import describe
     from img_guidance.shapes.judge import judge_many
     from img_guidance.shapes.render import render

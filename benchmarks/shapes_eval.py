@@ -60,7 +60,7 @@ def prompt_set(split: str, per_category: int | None, seed: int) -> list:
     import numpy as np
 
     from img_guidance.shapes.grammar import category
-    from img_guidance.shapes.train_generator import split_scenes
+    from img_guidance.shapes.splits import split_scenes
 
     scenes = split_scenes(seed)[split]
     rng = np.random.default_rng([seed, 0xE7A1])
@@ -157,15 +157,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     from img_guidance.aligner import load_aligner
     from img_guidance.backends.shapes import ShapesBackend
+    from img_guidance.eval.shapes import report_dict
     from img_guidance.eval.stats import compare_paired
     from img_guidance.guidance.questions import QUESTIONS
     from img_guidance.guidance.text import PROMPT_ONLY
     from img_guidance.pipeline import IMGPipeline
+    from img_guidance.recipes.train_shapes_generator import oracle_render
     from img_guidance.shapes.correct import nearest_correct_render
     from img_guidance.shapes.grammar import describe
     from img_guidance.shapes.judge import Report, failure_counts, failure_markdown, judge, win_tie_loss
-    from img_guidance.shapes.scoring import report_dict
-    from img_guidance.shapes.train_generator import oracle_render
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

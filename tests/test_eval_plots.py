@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from img_guidance.eval.plots import category_accuracy_chart
+from img_guidance.eval.shapes import report_dict
 from img_guidance.shapes.judge import Report
-from img_guidance.shapes.scoring import report_dict
 
 
 def _report(correct: dict[str, list[bool | None]]) -> dict:

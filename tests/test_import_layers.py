@@ -28,7 +28,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "img_guidance.outputs",
         "img_guidance.presets",
         "img_guidance.data",
-        "img_guidance.shapes",  # grammar, render, judge, correct, data, models, scoring
+        "img_guidance.shapes",  # grammar, render, judge, correct, splits, data, models
     ),
     # what a backend and a guidance model are
     "interfaces": (
@@ -52,7 +52,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "img_guidance.pipeline",
         "img_guidance.features",
         "img_guidance.recipes",
-        "img_guidance.shapes.train_generator",
+        "img_guidance.recipes.train_shapes_generator",
         "img_guidance.eval",
     ),
     # what a user runs
@@ -150,7 +150,7 @@ def test_imports_point_down_the_layers():
         ("img_guidance.backends.base", "interfaces"),
         ("img_guidance.backends.shapes", "implementations"),
         ("img_guidance.guidance", "implementations"),
-        ("img_guidance.shapes.train_generator", "pipeline and recipes"),
+        ("img_guidance.recipes.train_shapes_generator", "pipeline and recipes"),
         ("img_guidance.recipes.train_shapes", "pipeline and recipes"),
         ("img_guidance.cli", "faces"),
     ],

@@ -271,7 +271,7 @@ def test_judge_scores_a_generate_folder_into_judge_json(tmp_path):
 
 
 def test_judge_names_a_prompt_outside_the_grammar(tmp_path):
-    from img_guidance.shapes.scoring import judge_output_folder
+    from img_guidance.eval.shapes import judge_output_folder
 
     image = render("a red circle", seed=0)
     _output_folder(tmp_path, [("a purple hexagon", 0, image, image)])

@@ -9,6 +9,16 @@ import pytest
 import torch
 
 from img_guidance.backends.shapes import ShapesBackend
+from img_guidance.recipes.train_shapes_generator import (
+    adapter_loss,
+    denoising_loss,
+    diffusion_loss,
+    pretrain_image_encoder,
+    scene_targets,
+    train_adapter,
+    train_generator,
+    train_joint,
+)
 from img_guidance.shapes.grammar import all_scenes, category, describe, parse
 from img_guidance.shapes.models import (
     ShapesTextEncoder,
@@ -20,19 +30,7 @@ from img_guidance.shapes.models import (
     to_pixels,
 )
 from img_guidance.shapes.render import render
-from img_guidance.shapes.train_generator import (
-    adapter_loss,
-    by_category,
-    denoising_loss,
-    diffusion_loss,
-    held_out_kinds,
-    pretrain_image_encoder,
-    scene_targets,
-    split_scenes,
-    train_adapter,
-    train_generator,
-    train_joint,
-)
+from img_guidance.shapes.splits import by_category, held_out_kinds, split_scenes
 
 torch.set_num_threads(1)
 

@@ -686,7 +686,7 @@ def shapes_judge(
     """Score the initial and calibrated images of a generate output folder with the ShapesWorld
     judge: writes FOLDER/judge.json (per-prompt verdicts, per-category accuracy with 95% intervals,
     IMG's win/tie/loss against the initial images) and prints the tables."""
-    from img_guidance.shapes.scoring import JUDGE_FILE, judge_output_folder
+    from img_guidance.eval.shapes import JUDGE_FILE, judge_output_folder
 
     try:
         result = judge_output_folder(folder, warn=errors.print)

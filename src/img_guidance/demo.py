@@ -122,12 +122,12 @@ def run_demo(
     import torch
     from transformers.utils import logging as hf_logging
 
+    from img_guidance.eval.shapes import verdict_dict
     from img_guidance.guidance.llava import TransformersGuidance
     from img_guidance.outputs import save_image_atomic, write_json_atomic
     from img_guidance.pipeline import IMGPipeline
     from img_guidance.shapes.grammar import parse
     from img_guidance.shapes.judge import judge, outcome, win_tie_loss
-    from img_guidance.shapes.scoring import verdict_dict
 
     for prompt in prompts:
         parse(prompt)  # a prompt the world cannot say fails before any model loads

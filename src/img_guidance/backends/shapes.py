@@ -45,8 +45,9 @@ class ShapesBackend(DiffusionBackend):
     """The ShapesWorld model: plain generation, image -> post-projection tokens [B, 4, 64], and
     generation conditioned on such tokens (one row per prompt).
 
-    Build it with :meth:`from_pretrained` from a folder that :func:`~img_guidance.shapes.train_generator.
-    train_generator` wrote. Prompts must be prompts of the world's grammar.
+    Build it with :meth:`from_pretrained` from a folder that
+    :func:`~img_guidance.recipes.train_shapes_generator.train_generator` wrote. Prompts must be
+    prompts of the world's grammar.
     """
 
     family = "shapes"

@@ -72,7 +72,7 @@ class Benchmark:
 
 def _shapes(path: Path | None) -> list[tuple[str, str]]:
     from img_guidance.shapes.grammar import category, describe
-    from img_guidance.shapes.train_generator import split_scenes
+    from img_guidance.shapes.splits import split_scenes
 
     return [(describe(s), category(s)) for s in split_scenes(0)["test"]]
 

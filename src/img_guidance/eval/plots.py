@@ -22,7 +22,7 @@ def category_accuracy_chart(
     """Grouped bars of accuracy per category and overall, one colour per system, with 95% intervals
     as error bars; writes a PNG to ``path`` (atomically) and returns it.
 
-    ``systems`` maps a system's name to the dict of :func:`img_guidance.shapes.scoring.report_dict`
+    ``systems`` maps a system's name to the dict of :func:`img_guidance.eval.shapes.report_dict`
     (``per_category`` -> {category: {"accuracy", "ci95": [lo, hi], "n", ...}}, ``overall``,
     ``category_mean``); every system must have the same categories. Categories keep the first
     system's order."""

@@ -3,7 +3,7 @@
 ``img-guidance shapes train-all OUT`` runs, each stage resumable (a finished stage is skipped):
 
 1. ``generator``: the base diffusion model and its image-prompt adapter
-   (:func:`~img_guidance.shapes.train_generator.train_generator`) -> ``OUT/generator``.
+   (:func:`~img_guidance.recipes.train_shapes_generator.train_generator`) -> ``OUT/generator``.
 2. ``detector``: the world's tiny LLaVA (:func:`~img_guidance.shapes.detector.make_detector_base`,
    ``OUT/detector_base``, kept for the untrained-detector ablation), finetuned by the detector recipe
    (:func:`~img_guidance.recipes.finetune_detector.finetune`) on triplets the world writes in the
@@ -26,7 +26,7 @@
 ``OUT/train_all.json`` records each stage's seconds and results. ``install`` copies the three
 models into the package (``img_guidance/shapes/weights``), where the demo and the ``shapes``
 presets find them. Prompts come from the training split of
-:func:`~img_guidance.shapes.train_generator.split_scenes` only; the validation split chooses
+:func:`~img_guidance.recipes.train_shapes_generator.split_scenes` only; the validation split chooses
 hyper-parameters, the test split is the benchmark's.
 """
 
@@ -127,7 +127,7 @@ class ShapesRecipe:
 
 
 def training_scenes(seed: int) -> list:
-    from img_guidance.shapes.train_generator import split_scenes
+    from img_guidance.shapes.splits import split_scenes
 
     return split_scenes(seed)["train"]
 
@@ -168,7 +168,7 @@ def _publish(source: Path, dest: Path) -> None:
 
 
 def stage_generator(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -> dict[str, Any]:
-    from img_guidance.shapes.train_generator import train_generator
+    from img_guidance.recipes.train_shapes_generator import train_generator
 
     return train_generator(
         out / "generator",
@@ -196,7 +196,7 @@ def choose_ip_scale(
     scene (seed i for scene i, from the same initial images), judged; the scale at which IMG gets the
     most images fully right wins (ties: the smaller scale). Also recorded, not used for the choice:
     the base model, and at each scale re-generation from the tokens of a correct render in another
-    layout (:func:`~img_guidance.shapes.train_generator.oracle_render`) and of the initial image's
+    layout (:func:`~img_guidance.recipes.train_shapes_generator.oracle_render`) and of the initial image's
     nearest correct render (:func:`~img_guidance.shapes.correct.nearest_correct_render`). Writes
     ``out/generator/ip_scale.json`` (the choice and every accuracy) atomically; returns its content."""
     import torch
@@ -205,11 +205,12 @@ def choose_ip_scale(
     from img_guidance.backends.shapes import ShapesBackend
     from img_guidance.guidance import load_guidance
     from img_guidance.pipeline import IMGPipeline
+    from img_guidance.recipes.train_shapes_generator import oracle_render
     from img_guidance.shapes.correct import nearest_correct_render
     from img_guidance.shapes.grammar import describe
     from img_guidance.shapes.judge import judge_many
     from img_guidance.shapes.models import IP_SCALE_FILE
-    from img_guidance.shapes.train_generator import oracle_render, split_scenes
+    from img_guidance.shapes.splits import split_scenes
 
     if not scales or min(scales) <= 0:
         raise ValueError(f"ip_scales must be one or more scales > 0, got {list(scales)}")

@@ -8,8 +8,8 @@ The world itself, in numpy and PIL only (so ``import img_guidance.shapes`` stays
 - ``judge``: the oracle that reads any image of the world (rendered or generated) back into
   objects and checks it against a prompt, with per-category accuracy and confidence intervals.
 
-The world's own models (a tiny pixel-space diffusion model and detector) and their training
-build on these and live beside them.
+The world's own models (a tiny pixel-space diffusion model and detector, `models` and `detector`),
+corrections and splits build on these and live beside them; their training is in ``recipes/``.
 
 The names below are re-exported here; ``img_guidance.shapes.judge`` and ``.render`` are therefore
 the functions, and their modules are reached with ``from img_guidance.shapes.judge import ...``.
