@@ -25,6 +25,7 @@ from img_guidance.backends.base import DiffusionBackend
 
 SEED_RANGE = re.escape("must lie in [0, 2**63 - 1]")
 IP_SCALE = "ip_scale must be a finite number >= 0, got"
+GUIDANCE_SCALE = "guidance_scale must be a finite number >= 0, got"
 BAD_INPUTS = (
     "no prompts",
     "a string for prompts",
@@ -39,6 +40,8 @@ BAD_INPUTS = (
     "infinite ip_scale",
     "nan ip_scale",
     "no steps",
+    "negative guidance_scale",
+    "nan guidance_scale",
     "bad height",
     "bad width",
 )
@@ -217,6 +220,8 @@ class BackendContractTests:
             "infinite ip_scale": bad(f"{IP_SCALE} inf$", **{**on_tokens, "ip_scale": math.inf}),
             "nan ip_scale": bad(f"{IP_SCALE} nan$", **{**on_tokens, "ip_scale": math.nan}),
             "no steps": bad("steps must be >= 1, got 0", steps=0),
+            "negative guidance_scale": bad(f"{GUIDANCE_SCALE} -1.0$", guidance_scale=-1.0),
+            "nan guidance_scale": bad(f"{GUIDANCE_SCALE} nan$", guidance_scale=math.nan),
             "bad height": bad(f"got height={self.bad_side}$", height=self.bad_side),
             "bad width": bad(f"got width={self.bad_side}$", width=self.bad_side),
         }

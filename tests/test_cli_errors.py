@@ -157,6 +157,8 @@ def test_a_folder_without_settings_is_not_mixed_with_new_images(generated, tmp_p
 
 # -- a user's mistakes: checked before any model loads -------------------------------------------------
 
+FINITE = "must be a finite number >= 0, got"
+
 
 @pytest.mark.parametrize(
     ("args", "named"),
@@ -164,6 +166,8 @@ def test_a_folder_without_settings_is_not_mixed_with_new_images(generated, tmp_p
         (["a red circle", "a purple unicorn"], "prompt 1 ('a purple unicorn')"),
         (["a red circle", "--height", "30"], "--height=30"),
         (["a red circle", "--width", "64"], "--width=64"),
+        (["a red circle", "--guidance-scale", "inf"], f"--guidance-scale {FINITE} inf"),
+        (["a red circle", "--ip-scale", "inf"], f"--ip-scale {FINITE} inf"),
     ],
 )
 def test_shapes_requests_are_checked_before_loading(tmp_path, monkeypatch, args, named):

@@ -5,6 +5,7 @@ Heavy imports happen inside the commands, so ``img-guidance --help`` answers at 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -262,7 +263,7 @@ def generate(
         bool, typer.Option(help="Replace the images OUT holds when they were made with other settings.")
     ] = False,
     steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps (default: the model's).")] = None,
-    guidance_scale: Annotated[float | None, typer.Option(help="CFG / guidance scale.")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(min=0.0, help="CFG / guidance scale.")] = None,
     height: Annotated[int | None, typer.Option(min=8)] = None,
     width: Annotated[int | None, typer.Option(min=8)] = None,
     rounds: Annotated[int, typer.Option(min=1, help="Calibration rounds.")] = 1,
@@ -370,6 +371,10 @@ def generate_items(
         check_offload(offload)
     except ValueError as err:
         raise fail(f"--offload: {err}") from None
+    # typer's min= lets inf through
+    for option, value in (("--guidance-scale", guidance_scale), ("--ip-scale", ip_scale)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise fail(f"{option} must be a finite number >= 0, got {value}")
     empty = [i for i, item in enumerate(items) if not item.prompt.strip()]
     if empty:
         raise fail(f"prompt {empty[0]} is empty")

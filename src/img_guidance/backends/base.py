@@ -147,6 +147,7 @@ class DiffusionBackend(ABC):
         steps: int | None,
         height: int | None,
         width: int | None,
+        guidance_scale: float | None = None,
     ) -> tuple[list[str], list[int]]:
         """The checks of :meth:`generate`'s arguments every backend shares, before any work: raises
         TypeError or ValueError naming the bad value; returns the prompts and seeds as lists (seeds
@@ -187,6 +188,8 @@ class DiffusionBackend(ABC):
             raise ValueError(f"ip_scale must be a finite number >= 0, got {ip_scale}")
         if steps is not None and steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
         self.image_sides.check(self.family, "height", height)
         self.image_sides.check(self.family, "width", width)
         return prompts, seeds

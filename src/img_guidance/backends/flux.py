@@ -311,6 +311,7 @@ class FluxBackend(DiffusionBackend):
             steps=steps,
             height=height,
             width=width,
+            guidance_scale=guidance_scale,
         )
         # 2. Sampling settings; true CFG with an empty negative prompt
         defaults = self.defaults

@@ -294,6 +294,7 @@ class SDXLBackend(DiffusionBackend):
             steps=steps,
             height=height,
             width=width,
+            guidance_scale=guidance_scale,
         )
         # 2. Image tokens for the conditional and unconditional branches
         batch = len(prompts)

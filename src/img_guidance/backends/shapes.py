@@ -175,6 +175,7 @@ class ShapesBackend(DiffusionBackend):
             steps=steps,
             height=height,
             width=width,
+            guidance_scale=guidance_scale,
         )
         # 2. Sample
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
