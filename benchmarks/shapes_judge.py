@@ -35,9 +35,9 @@ from img_guidance.shapes import (
     implies,
     judge_objects,
     near_misses,
-    render,
     wilson_interval,
 )
+from img_guidance.shapes.render import render
 
 # (name, noise std in 0-255 units, blur std in px at 32 px, colour cast in 0-255 units)
 CONDITIONS = [

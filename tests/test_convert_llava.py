@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from img_guidance.guidance import LlavaGuidance, convert_llava, load_guidance
-from img_guidance.guidance.convert_llava import original_to_hub_name
+from img_guidance.guidance.llava_conversion import original_to_hub_name
 from img_guidance.testing.llava import (
     HIDDEN_SIZE,
     IMAGE_TOKENS,

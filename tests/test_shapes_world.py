@@ -24,19 +24,18 @@ from img_guidance.shapes import (
     draw,
     edit_instruction,
     implies,
-    judge,
     judge_many,
     judge_objects,
     layout,
     near_misses,
     parse,
-    render,
     render_with_layout,
     sample_scene,
     wilson_interval,
     win_tie_loss,
 )
-from img_guidance.shapes.render import GAP, MAX_SIZE, MIN_SIZE, relation_holds
+from img_guidance.shapes.judge import judge
+from img_guidance.shapes.render import GAP, MAX_SIZE, MIN_SIZE, relation_holds, render
 
 SCENES = all_scenes()
 # a third of the grammar, every category in it: 320 scenes

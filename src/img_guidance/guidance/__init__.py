@@ -5,7 +5,7 @@ a local folder or a hub id; the family (LLaVA, Qwen2-VL, Qwen2.5-VL) comes from 
 ``config.json``. Checkpoints in the original LLaVA repository layout (the IMG authors' finetuned
 detector among them) are converted once, on first use, into a cache folder
 (``$IMG_GUIDANCE_CACHE/converted``, default ``~/.cache/img-guidance/converted``), or explicitly with
-``img-guidance convert-llava SRC DEST`` (:func:`~img_guidance.guidance.convert_llava.convert_llava`).
+``img-guidance convert-llava SRC DEST`` (:func:`~img_guidance.guidance.llava_conversion.convert_llava`).
 
 Names are imported lazily, so importing this package does not import torch or transformers.
 """
@@ -18,15 +18,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-# Imported eagerly (it is light: no torch or transformers at import) because the function shares
-# its submodule's name: importing the submodule would otherwise bind the module to this name.
-from img_guidance.guidance.convert_llava import convert_llava
-
 if TYPE_CHECKING:
     import torch
 
     from img_guidance.guidance.base import GuidanceModel, GuidanceOutput
     from img_guidance.guidance.llava import LlavaGuidance
+    from img_guidance.guidance.llava_conversion import convert_llava
     from img_guidance.guidance.prompts import PROMPT_FORMATS, build_prompt
     from img_guidance.guidance.questions import QUESTIONS, choose_question, fill, load_questions
     from img_guidance.guidance.qwen import QwenGuidance
@@ -41,6 +38,7 @@ DETECTOR_INFO = "img_guidance_detector.json"
 ADAPTER_CONFIG = "adapter_config.json"
 
 _EXPORTS = {
+    "convert_llava": "img_guidance.guidance.llava_conversion",
     "GuidanceModel": "img_guidance.guidance.base",
     "GuidanceOutput": "img_guidance.guidance.base",
     "LlavaGuidance": "img_guidance.guidance.llava",
@@ -151,6 +149,8 @@ def _converted(location: str, torch_dtype: Any) -> str:
     import hashlib
     import logging
 
+    from img_guidance.guidance.llava_conversion import convert_llava
+
     source = os.path.abspath(location) if os.path.exists(location) else location
     key = hashlib.sha256(source.encode()).hexdigest()[:12]
     dest = conversion_cache() / f"{Path(source).name or 'llava'}-{key}"
@@ -168,7 +168,7 @@ def _converted(location: str, torch_dtype: Any) -> str:
 
 
 def _family(config: dict[str, Any], location: str) -> str:
-    from img_guidance.guidance.convert_llava import is_original_llava
+    from img_guidance.guidance.llava_conversion import is_original_llava
 
     if is_original_llava(config):
         raise ValueError(
@@ -213,7 +213,7 @@ def load_guidance(
         prompt_format = prompt_format or preset.prompt_format
     else:
         location = name
-    from img_guidance.guidance.convert_llava import is_original_llava
+    from img_guidance.guidance.llava_conversion import is_original_llava
 
     info = read_detector_info(location)
     if prompt_format is None and info is not None:

@@ -11,8 +11,9 @@ The world itself, in numpy and PIL only (so ``import img_guidance.shapes`` stays
 The world's own models (a tiny pixel-space diffusion model and detector, `models` and `detector`),
 corrections and splits build on these and live beside them; their training is in ``recipes/``.
 
-The names below are re-exported here; ``img_guidance.shapes.judge`` and ``.render`` are therefore
-the functions, and their modules are reached with ``from img_guidance.shapes.judge import ...``.
+The names below are re-exported here, except the functions named like their modules (``judge``,
+``render``): ``img_guidance.shapes.judge`` is always the module (``from img_guidance.shapes.judge
+import judge``).
 """
 
 from img_guidance.shapes.grammar import (
@@ -39,7 +40,6 @@ from img_guidance.shapes.judge import (
     Verdict,
     WinTieLoss,
     detect,
-    judge,
     judge_many,
     judge_objects,
     wilson_interval,
@@ -52,7 +52,6 @@ from img_guidance.shapes.render import (
     degrade,
     draw,
     layout,
-    render,
     render_with_layout,
 )
 
@@ -80,13 +79,11 @@ __all__ = [
     "draw",
     "edit_instruction",
     "implies",
-    "judge",
     "judge_many",
     "judge_objects",
     "layout",
     "near_misses",
     "parse",
-    "render",
     "render_with_layout",
     "sample_scene",
     "wilson_interval",
