@@ -5,7 +5,6 @@ Heavy imports happen inside the commands, so ``img-guidance --help`` answers at 
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
@@ -15,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from img_guidance.backends.base import MAX_SEED
+from img_guidance.backends.base import MAX_SEED, check_scale
 from img_guidance.offload import OFFLOAD_MODES, check_offload
 from img_guidance.precision import DTYPE_NAMES
 
@@ -371,10 +370,11 @@ def generate_items(
         check_offload(offload)
     except ValueError as err:
         raise fail(f"--offload: {err}") from None
-    # typer's min= lets inf through
-    for option, value in (("--guidance-scale", guidance_scale), ("--ip-scale", ip_scale)):
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise fail(f"{option} must be a finite number >= 0, got {value}")
+    try:  # the backend's check, before loading it (typer's min= lets inf through)
+        check_scale("--guidance-scale", guidance_scale)
+        check_scale("--ip-scale", ip_scale)
+    except ValueError as err:
+        raise fail(str(err)) from None
     empty = [i for i, item in enumerate(items) if not item.prompt.strip()]
     if empty:
         raise fail(f"prompt {empty[0]} is empty")

@@ -52,6 +52,12 @@ class ImageSides:
             )
 
 
+def check_scale(name: str, value: float | None) -> None:
+    """A scale (IP-Adapter, classifier-free guidance) must be a finite number >= 0; None is unset."""
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
 def check_prompts(prompts: Sequence[str], *, family: str, can_draw: Callable[[str], object]) -> None:
     """Raise ValueError naming the first prompt ``can_draw`` refuses (by raising ValueError)."""
     for i, prompt in enumerate(prompts):
@@ -184,12 +190,10 @@ class DiffusionBackend(ABC):
                     f"backend, got {list(image_tokens.shape)}"
                 )
         # also without tokens: a bad scale is a caller's mistake even where it goes unused
-        if not (math.isfinite(ip_scale) and ip_scale >= 0):
-            raise ValueError(f"ip_scale must be a finite number >= 0, got {ip_scale}")
+        check_scale("ip_scale", ip_scale)
         if steps is not None and steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+        check_scale("guidance_scale", guidance_scale)
         self.image_sides.check(self.family, "height", height)
         self.image_sides.check(self.family, "width", width)
         return prompts, seeds

@@ -26,7 +26,7 @@
 ``OUT/train_all.json`` records each stage's seconds and results. ``install`` copies the three
 models into the package (``img_guidance/shapes/weights``), where the demo and the ``shapes``
 presets find them. Prompts come from the training split of
-:func:`~img_guidance.recipes.train_shapes_generator.split_scenes` only; the validation split chooses
+:func:`~img_guidance.shapes.splits.split_scenes` only; the validation split chooses
 hyper-parameters, the test split is the benchmark's.
 """
 

@@ -11,8 +11,9 @@ own readers, feature stage and recipes consume it unchanged.
   ``jpg_1``, ``label_0``, ``label_1``, ``has_label``, ``ranking_id``), N generations per prompt (N
   seeds), all judged, made one of two ways. :func:`make_correction_pairs`: every image not judged
   right against the render of its nearest correct scene (:mod:`img_guidance.shapes.correct`: the
-  image's mistakes fixed, the rest kept where it was), which is preferred; the side it takes is a
-  seeded coin. :func:`make_pairs`: a prompt's best-scoring image against its worst-scoring one, in
+  image's mistakes fixed, the rest kept where it was), which is preferred, and optionally every right
+  image against its own redraw; the side the preferred image takes is a seeded coin.
+  :func:`make_pairs`: a prompt's best-scoring image against its worst-scoring one, in
   generation order, labelled by the judge's scores; a prompt whose N images all score alike gives no
   row (a tie teaches nothing) and is counted (:class:`PairCounts`). Images are stored as PNG
   (lossless: a 32 px JPEG would shift the colours the judge reads); the reader decodes any format PIL
