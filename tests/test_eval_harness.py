@@ -365,5 +365,4 @@ def test_benchmark_readers_read_each_source_format(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nothing\.tsv does not exist"):
         get_benchmark("parti").prompts(tmp_path / "nothing.tsv")
     assert set(BENCHMARKS) == {"shapes", "hpd", "parti", "pickapic-test", "t2i-compbench", "geneval", "dpg"}
-    result = runner.invoke(app, ["eval", "run", "parti", "--out", str(tmp_path / "o")])
-    assert result.exit_code == 1 and "--prompts-file" in result.stderr and not (tmp_path / "o").exists()
+    # without --prompts-file, eval run fetches the file: tests/test_eval_fetch.py

@@ -902,7 +902,11 @@ def eval_run(
     out: Annotated[Path, typer.Option(help="Output folder (resumable, as generate's).")],
     model: Annotated[str, typer.Option(help="sdxl, sdxl-dpo, flux, shapes, or a pipeline folder.")] = "sdxl",
     prompts_file: Annotated[
-        Path | None, typer.Option(help="The benchmark's prompt file or folder (see `eval benchmarks`).")
+        Path | None,
+        typer.Option(
+            help="The benchmark's prompt file or folder, read offline (default: fetched from its "
+            "pinned source into the cache on first use)."
+        ),
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first N prompts.")] = None,
     images_per_prompt: Annotated[
@@ -930,14 +934,22 @@ def eval_run(
 
     try:
         bench = get_benchmark(benchmark)
-        items = bench.items(prompts_file, limit=limit, images_per_prompt=images_per_prompt)
         wanted = (
             list(bench.scorers) if scorers is None else [n.strip() for n in scorers.split(",") if n.strip()]
         )
         names = check_scorer_names(wanted) if wanted else []
+    except ValueError as err:
+        raise fail(str(err)) from err
+    _scorer_weights(scorer_weights)  # checked before any download or model load
+    try:
+        if prompts_file is None and bench.needs_file:
+            from img_guidance.eval.fetch import fetch_prompts
+
+            prompts_file = fetch_prompts(benchmark, warn=lambda line: errors.print(line, highlight=False))
+            console.print(f"{benchmark} prompts: {prompts_file}")
+        items = bench.items(prompts_file, limit=limit, images_per_prompt=images_per_prompt)
     except (ValueError, OSError) as err:
         raise fail(str(err)) from err
-    _scorer_weights(scorer_weights)  # checked before any model loads
     generate_items(
         items,
         model=model,

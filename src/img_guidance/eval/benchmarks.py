@@ -1,7 +1,8 @@
 """Benchmarks: a prompt set with its categories, images per prompt and default scorers.
 
-Each reads its published prompt file(s) from a local path (``eval run BENCHMARK --prompts-file
-PATH``), in the source's own format:
+Each reads its published prompt file(s), in the source's own format, from a path: the copy
+:func:`img_guidance.eval.fetch.fetch_prompts` downloads from the source, pinned to a revision, on
+first use (``eval run BENCHMARK``), or a local copy (``eval run BENCHMARK --prompts-file PATH``):
 
 - ``shapes``: no file: ShapesWorld's test split (211 scenes, held out from all training); GenEval's
   categories from the grammar; 3 images per prompt; shapes-judge, shapes-checks.
@@ -12,15 +13,15 @@ PATH``), in the source's own format:
 - ``pickapic-test``: a Parquet file of Pick-a-Pic's ``test_unique`` split (column ``caption``,
   duplicates dropped); 1 image; pickscore.
 - ``t2i-compbench``: T2I-CompBench's dataset folder, ``{color,shape,texture,spatial,non_spatial,
-  complex}_val.txt`` (one prompt a line); category the file's; 10 images; clip-b32.
+  complex}_val.txt`` (one prompt a line); category the file's; 10 images; blip-vqa (the reference's score for
+  color, shape and texture) and clip-b32 (for non_spatial); both are reported for every category.
 - ``geneval``: GenEval's ``evaluation_metadata.jsonl`` (``prompt``, ``tag``); category the tag;
   4 images; scored by its own evaluator (``eval export``).
 - ``dpg``: DPG-Bench's prompt folder (one ``.txt`` per prompt); 4 images; scored by its own
   evaluator (``eval export``).
 
 Prompts keep the file's order (folders: files in sorted order); a missing file or a line in the wrong
-format is an error naming it. Fetching the files from their sources on first use is still to come
-(issue 14).
+format is an error naming it.
 """
 
 from __future__ import annotations
@@ -85,9 +86,12 @@ def _need(path: Path, *, folder: bool = False) -> Path:
     return path
 
 
+HPD_STYLES = ("anime", "concept-art", "paintings", "photo")
+
+
 def _hpd(path: Path | None) -> list[tuple[str, str]]:
     out = []
-    for style in ("anime", "concept-art", "paintings", "photo"):
+    for style in HPD_STYLES:
         file = _need(_need(path, folder=True) / f"{style}.json")
         try:
             prompts = json.loads(file.read_text(encoding="utf-8"))
@@ -168,7 +172,11 @@ BENCHMARKS = {
         "pickapic-test", "Pick-a-Pic's test_unique prompts (a Parquet file)", 1, ("pickscore",), _pickapic
     ),
     "t2i-compbench": Benchmark(
-        "t2i-compbench", "T2I-CompBench's validation prompts, six categories", 10, ("clip-b32",), _compbench
+        "t2i-compbench",
+        "T2I-CompBench's validation prompts, six categories",
+        10,
+        ("blip-vqa", "clip-b32"),
+        _compbench,
     ),
     "geneval": Benchmark(
         "geneval", "GenEval (evaluation_metadata.jsonl); score with its evaluator", 4, (), _geneval

@@ -27,6 +27,11 @@
   ``[ENC]`` added, prompts padded and truncated to 35 tokens. Preprocessing as the reference's
   (torchvision's ``Resize(224, BICUBIC)``, ``CenterCrop(224)``): the shortest side resized to 224
   (bicubic; the other to ``int(224 * long / short)``), a centred 224 x 224 crop, CLIP mean and std.
+- ``blip-vqa``: T2I-CompBench's BLIP-VQA (attribute binding: color, shape, texture), the product over
+  the prompt's first 8 noun phrases of ``P(yes) / (P(yes) + P(no))`` for the question ``"{phrase}?"``,
+  read off the first answer token of a transformers ``BlipForQuestionAnswering``,
+  ``Salesforce/blip-vqa-capfilt-large`` by default (:class:`BlipVqaScorer` has the details and where
+  they come from). Its processor squashes the image to 384 x 384 (the reference: 480 x 480).
 
 Every scorer with weights loads them from a hub id or a local folder (``weights=``); nothing needs the
 network when a local folder is given. transformers is imported inside the loaders.
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +59,8 @@ SCORERS: dict[str, str] = {
     "hpsv2": "100 x cos(text, image), HPS v2 (xswu/HPSv2 HPS_v2_compressed.pt, open_clip ViT-H-14)",
     "hpsv2.1": "100 x cos(text, image), HPS v2.1 (xswu/HPSv2 HPS_v2.1_compressed.pt)",
     "imagereward": "ImageReward: BLIP ViT-L/16 + BERT cross-attention + MLP, normalised (THUDM/ImageReward)",
+    "blip-vqa": "prod over noun phrases of P(yes | 'phrase?'), Salesforce/blip-vqa-capfilt-large "
+    "(T2I-CompBench's attribute binding)",
 }
 DEFAULT_WEIGHTS = {
     "clip-score": ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"),
@@ -61,10 +69,13 @@ DEFAULT_WEIGHTS = {
     "hpsv2": ("xswu/HPSv2/HPS_v2_compressed.pt", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
     "hpsv2.1": ("xswu/HPSv2/HPS_v2.1_compressed.pt", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
     "imagereward": ("THUDM/ImageReward/ImageReward.pt", "google-bert/bert-base-uncased"),
+    "blip-vqa": ("Salesforce/blip-vqa-capfilt-large", "Salesforce/blip-vqa-capfilt-large"),
 }
 # scorers whose weights are converted from another layout: their processor is never the weights' folder
 CONVERTED = ("hpsv2", "hpsv2.1", "imagereward")
 IMAGEREWARD_MAX_TOKENS = 35
+BLIP_VQA_MAX_PHRASES = 8  # the reference's --np_num: later noun phrases are not asked
+BLIP_VQA_MAX_TOKENS = 35  # the reference's question length, [ENC] and [SEP] included
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -103,6 +114,8 @@ def load_scorer(
     dtype = dtype or torch.float32
     if name == "imagereward":
         return ImageRewardScorer(name, model_id, processor_id, device=device, dtype=dtype)
+    if name == "blip-vqa":
+        return BlipVqaScorer(name, model_id, processor_id, device=device, dtype=dtype)
     if name.startswith("hpsv2"):
         return HPSScorer(name, model_id, processor_id, device=device, dtype=dtype)
     return ClipScorer(name, model_id, processor_id, device=device, dtype=dtype)
@@ -359,6 +372,233 @@ def resize_center_crop(image: Image.Image, size: int) -> torch.Tensor:
     array = np.asarray(cropped, dtype=np.float32) / 255.0
     array = (array - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
     return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+class BlipVqaScorer(Scorer):
+    """T2I-CompBench's BLIP-VQA score (Huang et al. 2023, attribute binding) on a transformers
+    ``BlipForQuestionAnswering``: the product over the prompt's noun phrases of the probability that
+    BLIP answers "yes" to ``"{phrase}?"``.
+
+    The reference (Karine-Huang/T2I-CompBench, ``BLIPvqa_eval/``), as read in its code:
+
+    - ``BLIP_vqa.py``: the prompt (the image file's name before its first ``_``) is parsed by spaCy's
+      ``en_core_web_sm``; its i-th ``noun_chunks`` entry becomes the question ``f"{chunk}?"`` for
+      i < ``--np_num`` (default 8); an image whose prompt has no i-th chunk gets 1 for it; an image's
+      score is the product over i, the benchmark's the mean over images.
+    - ``data/utils.py`` ``pre_question``: the question lower-cased, ``.!"()*#:;~`` removed, trailing
+      spaces stripped, cut to 50 words.
+    - ``models/blip_vqa.py``: bert-base-uncased's tokenizer with ``[DEC]`` (30522) and ``[ENC]``
+      (30523) added; questions padded to the batch's longest, truncated to 35 tokens, their first
+      token ([CLS]) replaced by ``[ENC]``; the text encoder cross-attends to every image token; then
+      ``vqa_prob``: the text decoder is started from ``[DEC]`` alone, cross-attending to the question
+      states under the question's attention mask; its first-step logits go through a softmax over the
+      whole vocabulary and the score is ``P(yes) / (P(yes) + P(no))`` ("yes" and "no" are
+      bert-base-uncased's 2748 and 2053).
+    - ``configs/vqa.yaml``, ``data/__init__.py``: BLIP's ``model_base_vqa_capfilt_large.pth`` (ViT
+      "base"), images resized to 480 x 480 (torchvision's bicubic ``Resize`` on PIL images, aspect
+      not kept, no crop), ``ToTensor``, CLIP mean and std.
+
+    Here, batched (every question of a batch in one text-encoder and one decoder forward):
+
+    1. noun phrases: spaCy's ``en_core_web_sm`` noun chunks where it is importable, else
+       :func:`split_noun_phrases` (rule-based; ``describe()["noun_phrases"]`` says which ran); the
+       first :data:`BLIP_VQA_MAX_PHRASES` asked, as ``pre_question(phrase + "?")``; a prompt with none
+       scores 1, as in the reference;
+    2. the image: the checkpoint's ``BlipProcessor`` with transformers' PIL backend: RGB, resized to
+       the processor's height x width (384 x 384 for ``Salesforce/blip-vqa-capfilt-large``, where the
+       reference uses 480; aspect not kept, no crop) by PIL's bicubic, as the reference's ``Resize``
+       on a PIL image, scaled by 1/255, CLIP mean and std; the ViT runs once per image;
+    3. the question: the processor's tokenizer (padding to the longest, truncation at 35 tokens),
+       the first token replaced by ``[ENC]`` as the reference does (transformers' ``generate`` keeps
+       [CLS]): the tokenizer's ``[ENC]`` where it has one, else the id after the decoder's start
+       token, BLIP's layout (``Salesforce/blip-vqa-capfilt-large``'s tokenizer is plain
+       bert-base-uncased; its model's vocabulary holds [DEC] at 30522 and [ENC] at 30523);
+    4. the decoder's first step from ``decoder_start_token_id`` ([DEC], as
+       ``BlipForQuestionAnswering.generate`` starts), under the question's attention mask as the
+       reference's ``vqa_prob`` (and transformers' ``forward``) do, so padding is never attended
+       (``generate`` passes an all-ones mask); ``P(yes) / (P(yes) + P(no))`` of the softmax over the
+       vocabulary, computed as ``sigmoid(logit_yes - logit_no)`` in float32 (the same number,
+       without the softmax's underflow), "yes" and "no" looked up in the tokenizer.
+    """
+
+    def __init__(
+        self, name: str, model_id: str, processor_id: str, *, device: str | torch.device, dtype: torch.dtype
+    ) -> None:
+        from transformers import BlipForQuestionAnswering, BlipProcessor
+
+        from img_guidance.hub import missing_message, pretrained_location
+
+        self.name = name
+        self.model_id, self.processor_id = model_id, processor_id
+        try:
+            location, subfolder = pretrained_location(model_id)
+            self.model = BlipForQuestionAnswering.from_pretrained(
+                location, subfolder=subfolder or "", dtype=dtype
+            ).to(device)
+            where, sub = pretrained_location(processor_id)
+            # PIL's bicubic resize, which the reference's torchvision Resize runs on PIL images
+            self.processor = BlipProcessor.from_pretrained(where, subfolder=sub or "", backend="pil")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{name}: {err}") from None
+        except OSError as err:
+            message = missing_message(model_id, "BLIP VQA model")
+            raise FileNotFoundError(f"{name}: {message} ({err})") from None
+        self.model.eval()
+        # transformers 5.24's BlipTextAttention hands the cross-attention mask to its attention as
+        # attention_mask, which cross-attention ignores: without the mask the decoder attends to the
+        # padding of shorter questions, and a question's answer depends on its batch-mates
+        for layer in self.model.text_decoder.bert.encoder.layer:
+            layer.crossattention.self.register_forward_pre_hook(_pass_cross_attention_mask, with_kwargs=True)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._check_parts()
+        self.noun_phrases, self.splitter = noun_phrase_splitter()
+
+    def _check_parts(self) -> None:
+        """The token ids and image size the score needs, read off the tokenizer and the model, with a
+        one-line error where a part is missing or the two do not fit."""
+        text, vision = self.model.config.text_config, self.model.config.vision_config
+        vocab = self.processor.tokenizer.get_vocab()
+        for word in ("yes", "no"):
+            if word not in vocab:
+                raise ValueError(
+                    f"{self.name}: the tokenizer of {self.processor_id} has no token {word!r}: "
+                    "not BLIP's BERT tokenizer"
+                )
+        self.yes_id, self.no_id = vocab["yes"], vocab["no"]
+        self.start_id = self.model.decoder_start_token_id
+        self.enc_id = vocab.get("[ENC]", self.start_id + 1)
+        if max(self.yes_id, self.no_id, self.enc_id, self.start_id) >= text.vocab_size:
+            raise ValueError(
+                f"{self.name}: the tokenizer of {self.processor_id} has ids beyond the model's vocabulary "
+                f"of {text.vocab_size} (yes {self.yes_id}, no {self.no_id}, [ENC] {self.enc_id}, "
+                f"[DEC] {self.start_id}): not this model's tokenizer"
+            )
+        size = self.processor.image_processor.size
+        if (size.height, size.width) != (vision.image_size, vision.image_size):
+            raise ValueError(
+                f"{self.name}: the processor of {self.processor_id} resizes to {size.height} x "
+                f"{size.width} but the model takes {vision.image_size} x {vision.image_size} images"
+            )
+
+    def questions(self, prompts: Sequence[str]) -> tuple[list[str], list[int]]:
+        """Every prompt's questions in order, and the index of the prompt each one comes from."""
+        questions, owners = [], []
+        for index, prompt in enumerate(prompts):
+            for phrase in self.noun_phrases(prompt)[:BLIP_VQA_MAX_PHRASES]:
+                questions.append(blip_question(phrase))
+                owners.append(index)
+        return questions, owners
+
+    @torch.no_grad()
+    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> torch.Tensor:
+        # 1. Check inputs
+        _check_batch(images, prompts)
+        questions, owners = self.questions(prompts)
+        scores = torch.ones(len(images), dtype=torch.float32)
+        if not questions:
+            return scores
+        owner = torch.tensor(owners, dtype=torch.long)
+
+        # 2. Encode images, once each: [N, 3, S, S] -> [N, 1 + patches, D]
+        pixels = self.processor.image_processor(
+            images=[im.convert("RGB") for im in images], return_tensors="pt"
+        )["pixel_values"]
+        image_states = self.model.vision_model(pixel_values=pixels.to(self.device, self.dtype))[0]
+        image_states = image_states.index_select(0, owner.to(self.device))  # -> [Q, 1 + patches, D]
+        image_mask = torch.ones(image_states.shape[:-1], dtype=torch.long, device=self.device)
+
+        # 3. Encode questions: [Q, T] -> [Q, T, H]
+        tokens = self.processor.tokenizer(
+            questions, padding="longest", truncation=True, max_length=BLIP_VQA_MAX_TOKENS, return_tensors="pt"
+        )
+        input_ids = tokens["input_ids"].clone()
+        input_ids[:, 0] = self.enc_id
+        question_mask = tokens["attention_mask"].to(self.device)
+        question_states = self.model.text_encoder(
+            input_ids=input_ids.to(self.device),
+            attention_mask=question_mask,
+            encoder_hidden_states=image_states,
+            encoder_attention_mask=image_mask,
+        )[0]
+
+        # 4. The answer's first token: one decoder step from [DEC] -> logits [Q, V]
+        start = torch.full((len(questions), 1), self.start_id, dtype=torch.long, device=self.device)
+        first = self.model.text_decoder(
+            input_ids=start,
+            encoder_hidden_states=question_states,
+            encoder_attention_mask=question_mask,
+            use_cache=False,
+        )
+        logits = first.logits[:, 0].float()
+        # P(yes) / (P(yes) + P(no)) = e^yes / (e^yes + e^no) = sigmoid(yes - no)
+        answers = torch.sigmoid(logits[:, self.yes_id] - logits[:, self.no_id]).cpu()
+
+        # 5. Each image's score: the product over its questions
+        return scores.scatter_reduce(0, owner, answers, reduce="prod")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model": self.model_id,
+            "processor": self.processor_id,
+            "noun_phrases": self.splitter,
+        }
+
+
+def _pass_cross_attention_mask(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A forward pre-hook on a BLIP text layer's cross-attention: the mask it is given as
+    ``attention_mask`` passed on as ``encoder_attention_mask``, the one cross-attention applies (a no-op
+    where that is already given)."""
+    if kwargs.get("encoder_attention_mask") is None and kwargs.get("encoder_hidden_states") is not None:
+        kwargs["encoder_attention_mask"] = kwargs.get("attention_mask")
+    return args, kwargs
+
+
+def blip_question(phrase: str) -> str:
+    """The question for a noun phrase, as the reference writes it: ``f"{phrase}?"`` through BLIP's
+    ``pre_question`` (lower case; ``.!"()*#:;~`` removed; trailing spaces stripped; at most 50 words)."""
+    question = re.sub(r"[.!\"()*#:;~]", "", f"{phrase}?".lower()).rstrip(" ")
+    return " ".join(question.split(" ")[:50])
+
+
+# Where split_noun_phrases cuts a prompt: commas and semicolons, and these words (whole words, any case)
+PHRASE_BREAKS = (
+    "next to", "and", "with", "of", "in", "on", "at", "near", "by", "for", "from", "under", "over",
+    "above", "below", "behind", "beside", "between", "into", "onto", "to",
+)  # fmt: skip
+_PHRASE_BREAK = re.compile(r"\s*[,;]\s*|(?<!\S)(?:" + "|".join(PHRASE_BREAKS) + r")(?!\S)", re.IGNORECASE)
+
+
+def split_noun_phrases(prompt: str) -> list[str]:
+    """A rule-based stand-in for spaCy's noun chunks on T2I-CompBench's prompt forms: the prompt without
+    its final ``.``, ``!`` or ``?``, cut at commas, semicolons and the words of :data:`PHRASE_BREAKS`
+    (coordination and prepositions), the non-empty pieces kept as written. It gives what spaCy gives for
+    "a green bench and a red car" (-> "a green bench", "a red car"), lists ("two white sheep, a black
+    goat and a white goat in a field" -> four phrases) and with/of phrases ("a bathroom with white tile
+    and a beige toilet" -> three; "a cylindrical container of hand cream" -> two). It does not parse:
+    coordinated adjectives are cut ("a black and white cat" -> "a black", "white cat", where spaCy
+    keeps one chunk), and verbs stay in their piece ("the metallic whisk and wooden bowl mix the
+    fluffy batter" -> "the metallic whisk", "wooden bowl mix the fluffy batter")."""
+    text = prompt.strip().rstrip(".!?").strip()
+    return [piece.strip() for piece in _PHRASE_BREAK.split(text) if piece and piece.strip()]
+
+
+def noun_phrase_splitter() -> tuple[Callable[[str], list[str]], str]:
+    """(prompt -> noun phrases, which splitter it is): spaCy's ``en_core_web_sm`` noun chunks, as the
+    reference, where spaCy and that model are importable; else :func:`split_noun_phrases`."""
+    try:
+        import spacy
+
+        nlp = spacy.load("en_core_web_sm")
+    except (ImportError, OSError):  # no spacy; or spacy without the model
+        return split_noun_phrases, "rule-based (spaCy's en_core_web_sm is not importable)"
+
+    def chunks(prompt: str) -> list[str]:
+        return [chunk.text for chunk in nlp(prompt).noun_chunks]
+
+    version = nlp.meta.get("version", "unknown")
+    return chunks, f"spaCy {spacy.__version__} en_core_web_sm {version} noun_chunks"
 
 
 def converted_open_clip(location: str) -> str:
