@@ -248,3 +248,24 @@ def test_the_joint_method_runs_every_stage_and_the_pipeline_carries_its_16_token
     assert pipe.backend.token_shape == (16, 64)
     out = pipe(["a red circle"], seeds=[1], steps=2)
     assert out.calibrated[0].size == (32, 32)
+
+
+def test_the_aligner_data_benchmark_probes_and_trains_a_variant(run, tmp_path):
+    from benchmarks import shapes_aligner_data as module
+
+    rows = module.main(["probe", "--run", str(run), "--steps", "2", "--held-out", "8"])
+    assert [(r["guidance"], r["depth"]) for r in rows] == [
+        *[("detector", 2)] * 3,
+        *[("words", 2)] * 3,
+        ("detector", 4),
+        ("preferred tokens", 2),
+    ]
+    assert all(r["held_out_distance"] >= 0 and r["held_out_input_distance"] > 0 for r in rows)
+    with pytest.raises(SystemExit):  # a variant needs a new folder
+        module.main(["variant", "--run", str(run), "--out", str(run)])
+    with torch.random.fork_rng():
+        line = module.main(["variant", "--run", str(run), "--out", str(tmp_path / "v"), "--variant", "flip"])
+    pairs = list(iter_pairs(tmp_path / "v" / "data" / "pairs.parquet"))
+    assert line["added"] > 0 and len(pairs) == line["pairs"] + line["added"]
+    assert set(line["validation"]) == {"base", "IMG, IP 0.5", "IMG, IP 1"}
+    assert (tmp_path / "v" / "aligner").is_dir()
