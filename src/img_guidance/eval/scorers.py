@@ -165,24 +165,11 @@ class ClipScorer(Scorer):
     ) -> None:
         from transformers import AutoProcessor, CLIPModel
 
-        from img_guidance.hub import pretrained_location
-
         self.name = name
         self.model_id, self.processor_id = model_id, processor_id
-        try:
-            location, subfolder = pretrained_location(model_id)
-            self.model = CLIPModel.from_pretrained(location, subfolder=subfolder or "", dtype=dtype).to(
-                device
-            )
-            where, sub = pretrained_location(processor_id)
-            self.processor = AutoProcessor.from_pretrained(where, subfolder=sub or "")
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{name}: {err}") from None
-        except OSError as err:
-            from img_guidance.hub import missing_message
-
-            raise FileNotFoundError(f"{name}: {missing_message(model_id, 'CLIP model')} ({err})") from None
-        self.model.eval()
+        self.model, self.processor = _load_parts(
+            name, CLIPModel, model_id, AutoProcessor, processor_id, "CLIP model", device=device, dtype=dtype
+        )
         self.device = torch.device(device)
         self.dtype = dtype
 
@@ -213,6 +200,34 @@ class ClipScorer(Scorer):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "model": self.model_id, "processor": self.processor_id}
+
+
+def _load_parts(
+    name: str,
+    model_cls: Any,
+    model_id: str,
+    processor_cls: Any,
+    processor_id: str,
+    what: str,
+    *,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    **processor_kwargs: Any,
+) -> tuple[Any, Any]:
+    """A scorer's transformers model (in eval mode, on ``device`` in ``dtype``) and processor, from hub
+    ids or local folders; a missing one raises one ``FileNotFoundError`` line naming the scorer."""
+    from img_guidance.hub import missing_message, pretrained_location
+
+    try:
+        location, subfolder = pretrained_location(model_id)
+        model = model_cls.from_pretrained(location, subfolder=subfolder or "", dtype=dtype).to(device)
+        where, sub = pretrained_location(processor_id)
+        processor = processor_cls.from_pretrained(where, subfolder=sub or "", **processor_kwargs)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{name}: {err}") from None
+    except OSError as err:
+        raise FileNotFoundError(f"{name}: {missing_message(model_id, what)} ({err})") from None
+    return model.eval(), processor
 
 
 def _load_tokenizer(name: str, tokenizer_id: str):
@@ -426,24 +441,20 @@ class BlipVqaScorer(Scorer):
     ) -> None:
         from transformers import BlipForQuestionAnswering, BlipProcessor
 
-        from img_guidance.hub import missing_message, pretrained_location
-
         self.name = name
         self.model_id, self.processor_id = model_id, processor_id
-        try:
-            location, subfolder = pretrained_location(model_id)
-            self.model = BlipForQuestionAnswering.from_pretrained(
-                location, subfolder=subfolder or "", dtype=dtype
-            ).to(device)
-            where, sub = pretrained_location(processor_id)
-            # PIL's bicubic resize, which the reference's torchvision Resize runs on PIL images
-            self.processor = BlipProcessor.from_pretrained(where, subfolder=sub or "", backend="pil")
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"{name}: {err}") from None
-        except OSError as err:
-            message = missing_message(model_id, "BLIP VQA model")
-            raise FileNotFoundError(f"{name}: {message} ({err})") from None
-        self.model.eval()
+        # backend="pil": PIL's bicubic resize, which the reference's torchvision Resize runs on PIL images
+        self.model, self.processor = _load_parts(
+            name,
+            BlipForQuestionAnswering,
+            model_id,
+            BlipProcessor,
+            processor_id,
+            "BLIP VQA model",
+            device=device,
+            dtype=dtype,
+            backend="pil",
+        )
         # transformers 5.24's BlipTextAttention hands the cross-attention mask to its attention as
         # attention_mask, which cross-attention ignores: without the mask the decoder attends to the
         # padding of shorter questions, and a question's answer depends on its batch-mates
