@@ -46,7 +46,7 @@ def test_the_base_install_leaves_training_eval_serve_and_study_to_the_extras():
     # make install installs .[dev]: the demo's and the tests' needs, through the other extras
     assert '-e ".[dev]"' in (ROOT / "Makefile").read_text()
     pulled = [re.search(r"\[(.*)\]", r) for r in extras["dev"] if name_of(r) == project()["name"]]
-    assert len(pulled) == 1 and {"train", "eval", "study"} <= set(pulled[0].group(1).split(","))
+    assert len(pulled) == 1 and {"train", "eval", "study", "serve"} <= set(pulled[0].group(1).split(","))
     # no extra pulls in another torch
     assert not any(name_of(r) == "torch" for reqs in extras.values() for r in reqs)
 
