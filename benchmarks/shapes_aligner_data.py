@@ -140,7 +140,7 @@ def _variant_pairs(run: Path, out: Path, variant: str, reprompts: int, split_see
 
     from img_guidance.recipes.train_shapes import training_scenes
     from img_guidance.shapes.correct import corrected_layout
-    from img_guidance.shapes.data import _pair_row, png_bytes, write_pairs
+    from img_guidance.shapes.data import pair_row, png_bytes, write_pairs
     from img_guidance.shapes.grammar import describe, near_misses, parse
     from img_guidance.shapes.judge import judge
     from img_guidance.shapes.render import draw
@@ -163,7 +163,7 @@ def _variant_pairs(run: Path, out: Path, variant: str, reprompts: int, split_see
             if mirrored in train:
                 labels = (row["label_0"], row["label_1"])
                 added.append(
-                    _pair_row(mirrored, flip(row["jpg_0"]), flip(row["jpg_1"]), labels, row["ranking_id"])
+                    pair_row(mirrored, flip(row["jpg_0"]), flip(row["jpg_1"]), labels, row["ranking_id"])
                 )
         elif variant == "reprompt":
             generated = row["jpg_0"] if row["label_0"] == 0.0 else row["jpg_1"]
@@ -178,9 +178,7 @@ def _variant_pairs(run: Path, out: Path, variant: str, reprompts: int, split_see
                 first = rng.random() < 0.5
                 pair = (fixed, generated) if first else (generated, fixed)
                 added.append(
-                    _pair_row(
-                        describe(near[j]), *pair, (1.0, 0.0) if first else (0.0, 1.0), row["ranking_id"]
-                    )
+                    pair_row(describe(near[j]), *pair, (1.0, 0.0) if first else (0.0, 1.0), row["ranking_id"])
                 )
     write_pairs(out / "data" / "pairs.parquet", rows + added)
     return {"pairs": len(rows), "added": len(added)}

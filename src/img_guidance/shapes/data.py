@@ -176,7 +176,7 @@ def _judged_generations(
             progress(chunk.stop, len(scenes))
 
 
-def _pair_row(
+def pair_row(
     prompt: str, image_0: bytes, image_1: bytes, labels: tuple[float, float], ranking_id: int
 ) -> dict:
     return {
@@ -225,7 +225,7 @@ def make_pairs(
         first, second = sorted((best, worst))
         labels = label_pair(scores[first], scores[second])
         rows.append(
-            _pair_row(prompt, png_bytes(scene_images[first]), png_bytes(scene_images[second]), labels, i)
+            pair_row(prompt, png_bytes(scene_images[first]), png_bytes(scene_images[second]), labels, i)
         )
         counts.pairs += 1
     return rows, counts
@@ -270,9 +270,9 @@ def make_correction_pairs(
             fixed = png_bytes(draw(fix.objects, size=image.width))
             generated = png_bytes(image)
             if np.random.default_rng([seed, i, k]).random() < 0.5:
-                rows.append(_pair_row(prompt, fixed, generated, (1.0, 0.0), i))
+                rows.append(pair_row(prompt, fixed, generated, (1.0, 0.0), i))
             else:
-                rows.append(_pair_row(prompt, generated, fixed, (0.0, 1.0), i))
+                rows.append(pair_row(prompt, generated, fixed, (0.0, 1.0), i))
             if right:
                 counts.redraws += 1
             else:
