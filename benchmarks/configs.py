@@ -97,6 +97,34 @@ OPEN_CLIP_VIT_H14 = dict(
 )
 CLIP_TEXT_TOKENS = 77  # the CLIP context: the most tokens a CLIP-type scorer's prompt has
 IMAGEREWARD_TOKENS = 35  # ImageReward pads every prompt to 35 tokens (its max_length)
+# Salesforce/blip-vqa-capfilt-large (blip-vqa scorer): config.json sets projection_dim 512,
+# image_text_hidden_size 256, text_config num_attention_heads 12 (the default is 8) and vision_config
+# dropout 0.0; every other value is transformers' BlipTextConfig / BlipVisionConfig default, written out
+# here from transformers 5.24 (as seen in the config.json of copies saved from it by transformers 4.33 and
+# 4.39, which hold exactly these keys). BLIP's ViT-B/16 at 384 px (its preprocessor_config.json resizes to
+# 384 x 384), a BERT-base text encoder and decoder that cross-attend; vocabulary bert-base-uncased's
+# 30522 + [DEC] + [ENC]. "capfilt-large" names the CapFilt-L training data, not a ViT-L.
+BLIP_VQA = dict(
+    text_config=dict(
+        vocab_size=30524,
+        hidden_size=768,
+        encoder_hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=512,
+    ),
+    vision_config=dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=384,
+        patch_size=16,
+    ),
+    projection_dim=512,
+    image_text_hidden_size=256,
+)
 
 # ---------------------------------------------------------------------------------------------
 # SDXL

@@ -6,16 +6,20 @@ and nothing is downloaded. One image's forward runs under ``torch.utils.flop_cou
 (``benchmarks/meter.py``, attention fused as on a GPU): the image tower at the scorer's input size
 and the text tower at its longest prompt (CLIP-type scorers: 77 tokens, the most a prompt has, since
 prompts are padded to the batch's longest; ImageReward: always 35, its text encoder cross-attending
-to all 197 image tokens, plus its MLP head). Counted: matmuls, convolutions and attention, one
-multiply-add = 2 FLOPs; norms, activations and softmax are not.
+to all 197 image tokens, plus its MLP head; BLIP-VQA: the ViT once per image at 384 px, then per
+question, two per image (:data:`BLIP_VQA_QUESTIONS`), the text encoder at 35 tokens, the most a question
+has, cross-attending to all 577 image tokens, and the decoder's first step with its logits over the
+vocabulary). Counted: matmuls, convolutions and attention, one multiply-add = 2 FLOPs; norms,
+activations and softmax are not.
 
 images/s: each scorer loaded through ``load_scorer`` from tiny random weights (the test factories:
 CLIP width 32 at 30 px; ImageReward ViT width 192 + BERT width 128 at 32 px, converted from its
-original layout) scoring batches of ``--size`` px images end to end (preprocessing, tokenizing,
-forward), on this CPU with ``--threads`` torch threads (default 1); best and median of ``--repeats``
-runs after a warm-up, taken in rounds over the scorers. At tiny size that measures the per-image
-overhead, not the network: the FLOP column is the real-size answer. ``shapes-judge`` and
-``shapes-checks`` have no network; their images are ShapesWorld's real 32 px.
+original layout; BLIP-VQA width 32, two layers per tower, at 30 px) scoring batches of ``--size`` px
+images end to end (preprocessing, tokenizing, forward), on this CPU with ``--threads`` torch threads
+(default 1); best and median of ``--repeats`` runs after a warm-up, taken in rounds over the scorers.
+At tiny size that measures the per-image overhead, not the network: the FLOP column is the real-size
+answer. ``shapes-judge`` and ``shapes-checks`` have no network; their images are ShapesWorld's real
+32 px.
 
     nice -n 15 .venv/bin/python -m benchmarks.eval_cost          # about 20 s on 2 busy cores
     nice -n 15 .venv/bin/python -m benchmarks.eval_cost --batch 32 --repeats 9 --threads 2 --json cost.json
@@ -40,6 +44,7 @@ if not __package__:
     sys.exit("run the benchmarks from the repository root as modules: python -m benchmarks.eval_cost")
 
 from benchmarks.configs import (
+    BLIP_VQA,
     CLIP_B32,
     CLIP_H14,
     CLIP_L14,
@@ -48,6 +53,11 @@ from benchmarks.configs import (
     OPEN_CLIP_VIT_H14,
 )
 from benchmarks.meter import build, measure, meta, meta_ids
+from img_guidance.eval.scorers import BLIP_VQA_MAX_TOKENS
+
+# questions per image for BLIP-VQA's FLOPs: T2I-CompBench's attribute-binding prompts name two objects
+# ("a green bench and a red car"), one question per noun phrase (at most 8 are asked)
+BLIP_VQA_QUESTIONS = 2
 
 
 @dataclass
@@ -133,6 +143,39 @@ def imagereward_row() -> Row:
     )
 
 
+def blip_vqa_row() -> Row:
+    """BlipForQuestionAnswering from Salesforce/blip-vqa-capfilt-large's config on meta, as the scorer
+    runs it: the ViT once per image; per question the text encoder at 35 tokens cross-attending to every
+    image token, then one decoder step from [DEC] cross-attending to the question, logits over the
+    vocabulary (see img_guidance/eval/scorers.py BlipVqaScorer)."""
+    from transformers import BlipConfig, BlipForQuestionAnswering
+
+    config = BlipConfig(**BLIP_VQA)
+    model = build(lambda: BlipForQuestionAnswering(config))
+    vision = config.vision_config
+    size, questions = vision.image_size, BLIP_VQA_QUESTIONS
+    tokens = 1 + (size // vision.patch_size) ** 2
+
+    def ask():
+        # [Q, 35] question tokens, [Q, 577, 768] image states -> [Q, 35, 768] -> [Q, 1, vocabulary]
+        states = model.text_encoder(
+            input_ids=meta_ids(questions, BLIP_VQA_MAX_TOKENS),
+            encoder_hidden_states=meta(questions, tokens, vision.hidden_size),
+        ).last_hidden_state
+        return model.text_decoder(
+            input_ids=meta_ids(questions, 1), encoder_hidden_states=states, use_cache=False
+        ).logits
+
+    return Row(
+        scorer="blip-vqa",
+        network=f"BLIP ViT-B/16 at {size} px + BERT-base encoder and decoder, {questions} questions "
+        "(Salesforce/blip-vqa-capfilt-large)",
+        params=sum(p.numel() for p in model.parameters()),
+        image_flops=measure(lambda: model.vision_model(pixel_values=meta(1, 3, size, size))).flops,
+        text_flops=measure(ask).flops,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Tiny scorers on this CPU
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +184,7 @@ def imagereward_row() -> Row:
 def tiny_scorers(tmp: Path) -> dict[str, object]:
     """Every scorer loaded from tiny random weights written under ``tmp`` (see the module docstring)."""
     from img_guidance.eval.scorers import load_scorer
+    from img_guidance.testing.blip_vqa import make_tiny_blip_vqa
     from img_guidance.testing.clip import make_tiny_clip
     from img_guidance.testing.imagereward import imagereward_state_dict
     from img_guidance.testing.tokenizers import bert_tokenizer
@@ -162,6 +206,7 @@ def tiny_scorers(tmp: Path) -> dict[str, object]:
         "imagereward": load_scorer(
             "imagereward", weights=str(tmp / "ImageReward.pt"), processor=str(tmp / "bert")
         ),
+        "blip-vqa": load_scorer("blip-vqa", weights=str(make_tiny_blip_vqa(tmp / "blip-vqa"))),
     }
 
 
@@ -282,6 +327,7 @@ def main() -> None:
         clip_row("clip-b32", "CLIP ViT-B/32 (openai/clip-vit-base-patch32)", CLIP_B32),
         clip_row("hpsv2", "open_clip ViT-H-14 converted (xswu/HPSv2)", hps_values()),
         imagereward_row(),
+        blip_vqa_row(),
         Row("shapes-judge", "none (pixel rules, numpy)", 0, 0, 0),
         Row("shapes-checks", "none (same judge)", 0, 0, 0),
     ]
@@ -319,9 +365,11 @@ def main() -> None:
     runtime = time.perf_counter() - start
     print()
     print(
-        f"- FLOPs: FlopCounterMode on meta tensors, batch 1, 224 px images; text at {CLIP_TEXT_TOKENS} "
-        f"tokens (CLIP-type: the most; shorter batches cost less) or {IMAGEREWARD_TOKENS} (ImageReward, "
-        "always); 1 multiply-add = 2 FLOPs; norms, activations, softmax not counted."
+        f"- FLOPs: FlopCounterMode on meta tensors, batch 1, 224 px images (BLIP-VQA: 384); text at "
+        f"{CLIP_TEXT_TOKENS} tokens (CLIP-type: the most; shorter batches cost less), {IMAGEREWARD_TOKENS} "
+        f"(ImageReward, always) or {BLIP_VQA_QUESTIONS} questions of {BLIP_VQA_MAX_TOKENS} tokens "
+        "(BLIP-VQA: the most a question has; its cost grows with the prompt's noun phrases); "
+        "1 multiply-add = 2 FLOPs; norms, activations, softmax not counted."
     )
     print(
         f"- images/s: batches of {args.batch} random {args.size} px images (ShapesWorld renders at 32 px "

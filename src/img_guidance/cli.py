@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.console import Console
 from img_guidance.backends.base import MAX_SEED, check_scale
 from img_guidance.offload import OFFLOAD_MODES, check_offload
 from img_guidance.precision import DTYPE_NAMES
+
+if TYPE_CHECKING:
+    from img_guidance.eval.distributed import Processes
 
 app = typer.Typer(
     name="img-guidance",
@@ -360,11 +363,29 @@ def generate_items(
     dtype: str,
     offload: str,
     mllm_quantization: str | None,
+    processes: Processes | None = None,
 ) -> None:
     """What ``generate`` and ``eval run`` do with their prompt items (``PromptItem``: prompt, seed,
-    category): check everything, load the pipeline, write the output folder (resumable)."""
+    category): check everything, load the pipeline, write the output folder (resumable).
+
+    ``processes`` (``eval run`` under a launcher; see :mod:`img_guidance.eval.distributed`): every
+    process checks the input and reads the folder; process p generates the batches b of what is left
+    with b % num_processes == p into its own part folder, on ``device``; the main process merges the
+    parts into OUT once all are done. Without it (one process) images go straight into OUT."""
     from img_guidance.backends import check_request
+    from img_guidance.eval.distributed import (
+        SingleProcess,
+        check_parts,
+        merge_parts,
+        part_folder,
+        part_records,
+        split_batches,
+        start_folder,
+    )
     from img_guidance.outputs import OutputFolder, SettingsMismatch, check_writable, entry_name
+
+    processes = processes if processes is not None else SingleProcess()
+    several, main = processes.num_processes > 1, processes.is_main_process
 
     try:
         check_offload(offload)
@@ -412,6 +433,8 @@ def generate_items(
         folder = OutputFolder(out)
         check_writable(out)
         folder.check_settings(settings, overwrite=overwrite)
+        if not overwrite:  # part folders a killed run over several processes left behind
+            check_parts(out, settings)
     except (SettingsMismatch, OSError) as err:
         raise fail(str(err)) from err
     entries: dict[str, tuple[str, int, int]] = {}
@@ -419,49 +442,72 @@ def generate_items(
         item_seed = item.seed if item.seed is not None else seed
         # the same prompt with the same seed is the same work: it is done once
         entries.setdefault(entry_name(item.prompt, item_seed), (item.prompt, item_seed, i))
-    done = set() if overwrite else folder.finished()
-    for number in folder.broken_lines:
-        errors.print(
-            f"warning: {out / 'metadata.jsonl'}:{number} is cut short or not a record; skipped",
-            highlight=False,
-        )
-    for path in folder.undecodable:
-        errors.print(f"warning: {path} does not decode; its prompt will be generated again", highlight=False)
+    if overwrite:
+        done, leftover = set(), False
+    else:
+        in_parts = {record["name"] for _, record in part_records(out)}
+        done, leftover = folder.finished() | in_parts, bool(in_parts)
+    if main:
+        for number in folder.broken_lines:
+            errors.print(
+                f"warning: {out / 'metadata.jsonl'}:{number} is cut short or not a record; skipped",
+                highlight=False,
+            )
+        for path in folder.undecodable:
+            errors.print(
+                f"warning: {path} does not decode; its prompt will be generated again", highlight=False
+            )
     todo = [(name, *entry) for name, entry in entries.items() if name not in done]
+    # every process has read the folder (and so knows the same todo); from here on it changes
+    processes.wait_for_everyone()
     if not todo:
-        console.print(f"all {len(entries)} prompts are already in {out}")
+        if main:
+            if leftover:
+                try:
+                    start_folder(folder, settings, overwrite=False)
+                except OSError as err:
+                    raise fail(f"cannot write to {out}: {err}") from err
+            console.print(f"all {len(entries)} prompts are already in {out}")
+        processes.wait_for_everyone()
         return
-    if done:
+    if done and main:
         console.print(
             f"{len(entries) - len(todo)} of {len(entries)} prompts already in {out}; doing the rest"
         )
-
-    pipe = load_pipeline(
-        model,
-        device=device,
-        dtype=dtype,
-        mllm=mllm,
-        aligner=aligner,
-        unet=unet,
-        ip_adapter=ip_adapter,
-        image_encoder=image_encoder,
-        prompt_format=prompt_format,
-        questions=questions,
-        offload=offload,
-        mllm_quantization=mllm_quantization,
-    )
+    mine = split_batches(todo, batch_size, processes.process_index, processes.num_processes)
+    if mine:
+        pipe = load_pipeline(
+            model,
+            device=device,
+            dtype=dtype,
+            mllm=mllm,
+            aligner=aligner,
+            unet=unet,
+            ip_adapter=ip_adapter,
+            image_encoder=image_encoder,
+            prompt_format=prompt_format,
+            questions=questions,
+            offload=offload,
+            mllm_quantization=mllm_quantization,
+        )
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     try:
-        folder.start(settings, overwrite=overwrite)
+        if main:
+            start_folder(folder, settings, overwrite=overwrite)
+        processes.wait_for_everyone()  # the folder is ready: no process writes into it before
+        target = folder
+        if several:  # each process its own folder: no two ever write the same file
+            target = OutputFolder(part_folder(out, processes.process_index))
+            target.start(settings)
     except OSError as err:
         raise fail(f"cannot write to {out}: {err}") from err
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("IMG", total=len(todo))
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
+    with Progress(*columns, console=console, transient=False, disable=not main) as progress:
+        task = progress.add_task("IMG", total=len(mine))
+        for start in range(0, len(mine), batch_size):
+            batch = mine[start : start + batch_size]
             result = pipe(
                 [prompt for _, prompt, _, _ in batch],
                 [item_seed for _, _, item_seed, _ in batch],
@@ -475,7 +521,7 @@ def generate_items(
             )
             for j, (name, _, _, index) in enumerate(batch):
                 try:
-                    folder.write(
+                    target.write(
                         name,
                         result.initial[j],
                         [r.calibrated[j] for r in result.rounds],
@@ -483,11 +529,20 @@ def generate_items(
                     )
                 except OSError as err:
                     raise fail(
-                        f"cannot write {name} to {out}: {err.strerror or err}; "
-                        f"{start + j} of {len(todo)} prompts written, the rest left for a rerun"
+                        f"cannot write {name} to {target.root}: {err.strerror or err}; "
+                        f"{start + j} of {len(mine)} prompts written, the rest left for a rerun"
                     ) from err
             progress.advance(task, len(batch))
-    console.print(f"wrote {len(todo)} prompts to {out} (metadata: {out / 'metadata.jsonl'})")
+    if several:
+        processes.wait_for_everyone()
+        if main:
+            try:
+                merge_parts(out)
+            except OSError as err:
+                raise fail(f"cannot merge the processes' images into {out}: {err}; a rerun does it") from err
+    if main:
+        console.print(f"wrote {len(todo)} prompts to {out} (metadata: {out / 'metadata.jsonl'})")
+    processes.wait_for_everyone()
 
 
 @app.command()
@@ -783,14 +838,32 @@ def eval_score(
 ) -> None:
     """Score every image of FOLDER; writes FOLDER/eval/scores.jsonl (one line per image) and
     FOLDER/eval/summary.json (means per system, scorer and category), and prints the means."""
-    from img_guidance.eval.harness import markdown_table, read_folder, score_folder
-    from img_guidance.eval.scorers import check_scorer_names, load_scorer
+    from img_guidance.eval.scorers import check_scorer_names
 
     try:
         names = check_scorer_names([n.strip() for n in scorers.split(",") if n.strip()])
     except ValueError as err:
         raise fail(f"--scorers: {err}") from err
-    weights = _scorer_weights(scorer_weights)
+    _score(folder, names, _scorer_weights(scorer_weights), device=device, batch_size=batch_size)
+
+
+def _score(
+    folder: Path,
+    names: list[str],
+    weights: dict[str, str],
+    *,
+    device: str,
+    batch_size: int,
+    processes: Processes | None = None,
+) -> None:
+    """What ``eval score`` does once the scorer names are checked; under several processes
+    (``processes``, from ``eval run``) each scores its share on ``device`` and the main one reports."""
+    from img_guidance.eval.distributed import SingleProcess, split_batches
+    from img_guidance.eval.harness import markdown_table, read_folder, score_folder
+    from img_guidance.eval.scorers import load_scorer
+
+    processes = processes if processes is not None else SingleProcess()
+    main = processes.is_main_process
     try:
         count = len(read_folder(folder))  # the folder is checked before any scorer loads
         run_device = resolve_device(device)
@@ -801,8 +874,9 @@ def eval_score(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("score", total=count)
+    share = split_batches(range(count), batch_size, processes.process_index, processes.num_processes)
+    with Progress(*columns, console=console, disable=not main) as progress:
+        task = progress.add_task("score", total=len(share))
         try:
             summary = score_folder(
                 folder,
@@ -810,11 +884,13 @@ def eval_score(
                 batch_size=batch_size,
                 warn=errors.print,
                 progress=lambda k: progress.advance(task, k),
+                processes=processes,
             )
         except (ValueError, OSError) as err:
             raise fail(str(err)) from err
-    console.print(markdown_table(summary))
-    console.print(f"scores in {folder / 'eval' / 'scores.jsonl'}")
+    if main:
+        console.print(markdown_table(summary))
+        console.print(f"scores in {folder / 'eval' / 'scores.jsonl'}")
 
 
 @eval_app.command("compare")
@@ -926,12 +1002,18 @@ def eval_run(
     overwrite: Annotated[bool, typer.Option(help="Replace images made with other settings.")] = False,
 ) -> None:
     """Generate a benchmark's prompts with the base model and with IMG (as generate does, into OUT,
-    resumable), then score them (as eval score does)."""
+    resumable), then score them (as eval score does).
+
+    Several processes or GPUs: accelerate launch --multi_gpu --num_processes 8 -m img_guidance.cli eval
+    run ... (or torchrun --nproc_per_node 8 -m img_guidance.cli eval run ...): each process generates
+    and scores its share on its own device; the main process merges and reports."""
     if benchmark == "pickapic-test":  # a parquet file
         _require(("pyarrow",), "eval", f"img-guidance eval run {benchmark}")
     from img_guidance.eval.benchmarks import get_benchmark
+    from img_guidance.eval.distributed import launched_processes, process_device
     from img_guidance.eval.scorers import check_scorer_names
 
+    # 1. Check the names, before any download, process group or model
     try:
         bench = get_benchmark(benchmark)
         wanted = (
@@ -940,46 +1022,65 @@ def eval_run(
         names = check_scorer_names(wanted) if wanted else []
     except ValueError as err:
         raise fail(str(err)) from err
-    _scorer_weights(scorer_weights)  # checked before any download or model load
+    weights = _scorer_weights(scorer_weights)
+    # 2. This process among the launch's (one where no launcher started several)
     try:
-        if prompts_file is None and bench.needs_file:
-            from img_guidance.eval.fetch import fetch_prompts
-
-            prompts_file = fetch_prompts(benchmark, warn=lambda line: errors.print(line, highlight=False))
-            console.print(f"{benchmark} prompts: {prompts_file}")
-        items = bench.items(prompts_file, limit=limit, images_per_prompt=images_per_prompt)
-    except (ValueError, OSError) as err:
+        processes = launched_processes(device)
+    except ValueError as err:
         raise fail(str(err)) from err
-    generate_items(
-        items,
-        model=model,
-        unet=None,
-        ip_adapter=None,
-        image_encoder=None,
-        mllm=mllm,
-        prompt_format=None,
-        questions=None,
-        aligner=aligner,
-        out=out,
-        seed=0,
-        overwrite=overwrite,
-        steps=steps,
-        guidance_scale=None,
-        height=None,
-        width=None,
-        rounds=rounds,
-        passes=passes,
-        ip_scale=ip_scale,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        offload="none",
-        mllm_quantization=None,
-    )
-    if names:
-        eval_score(out, scorers=",".join(names), scorer_weights=scorer_weights, device=device, batch_size=16)
-    else:
-        console.print(f"{benchmark} is scored by its own evaluator: img-guidance eval export {out} ...")
+    main, run_device = processes.is_main_process, process_device(device, processes)
+    try:
+        # 3. The prompts: the main process fetches them, the others then read its copy
+        try:
+            if prompts_file is None and bench.needs_file:
+                from functools import partial
+
+                from img_guidance.eval.fetch import fetch_prompts
+
+                warn = partial(errors.print, highlight=False)
+                if main:
+                    prompts_file = fetch_prompts(benchmark, warn=warn)
+                    console.print(f"{benchmark} prompts: {prompts_file}")
+                processes.wait_for_everyone()
+                if not main:
+                    prompts_file = fetch_prompts(benchmark, warn=warn)
+            items = bench.items(prompts_file, limit=limit, images_per_prompt=images_per_prompt)
+        except (ValueError, OSError) as err:
+            raise fail(str(err)) from err
+        # 4. Generate (each process its share), then score (likewise)
+        generate_items(
+            items,
+            model=model,
+            unet=None,
+            ip_adapter=None,
+            image_encoder=None,
+            mllm=mllm,
+            prompt_format=None,
+            questions=None,
+            aligner=aligner,
+            out=out,
+            seed=0,
+            overwrite=overwrite,
+            steps=steps,
+            guidance_scale=None,
+            height=None,
+            width=None,
+            rounds=rounds,
+            passes=passes,
+            ip_scale=ip_scale,
+            batch_size=batch_size,
+            device=run_device,
+            dtype=dtype,
+            offload="none",
+            mllm_quantization=None,
+            processes=processes,
+        )
+        if names:
+            _score(out, names, weights, device=run_device, batch_size=16, processes=processes)
+        elif main:
+            console.print(f"{benchmark} is scored by its own evaluator: img-guidance eval export {out} ...")
+    finally:
+        processes.destroy_process_group()
 
 
 @eval_app.command("benchmarks")

@@ -15,6 +15,9 @@ the same harness. Images pair across systems by (prompt, seed).
 - ``summary.json``: ``{"systems": {NAME: {SCORER: {"mean", "n", "per_category": {...}}}},
   "scorers": [...]}``.
 
+Under several processes (``eval run`` started by a launcher) process p first writes the lines of its
+share to ``eval/parts/scores-rank-p.jsonl``; the main process merges them into ``scores.jsonl``.
+
 ``compare`` reads those files from several folders: per scorer and system, the mean per category; the
 per-prompt win rate of each system over the first (scores averaged over a prompt's images; ties
 counted apart) with a 95% bootstrap interval resampling prompts, the mean difference with its
@@ -23,6 +26,7 @@ interval, and the exact sign test (McNemar's, on the prompts won and lost).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -38,6 +42,7 @@ EVAL_DIR = "eval"
 SCORES_FILE = "scores.jsonl"
 SUMMARY_FILE = "summary.json"
 MAPPING_FILE = "images.jsonl"
+SCORE_PARTS = "parts"  # eval/parts/: each process's score lines while a run over several lasts
 ALL = "all"
 
 
@@ -146,19 +151,74 @@ def score_folder(
     batch_size: int = 16,
     warn: Callable[[str], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    processes: Any = None,
 ) -> dict[str, Any]:
     """Score every image of ``folder`` with each of ``scorers`` (objects with ``name`` and
     ``score(images, prompts)``); write ``eval/scores.jsonl`` and ``eval/summary.json`` (each through a
     temporary name) and return the summary. An image that does not decode is reported through ``warn``
-    and gets no score (null, left out of the means). ``progress(k)``: k more images scored."""
-    from PIL import Image, UnidentifiedImageError
+    and gets no score (null, left out of the means). ``progress(k)``: k more images scored.
 
-    from img_guidance.outputs import check_writable, write_json_atomic
+    ``processes``: accelerate's ``PartialState`` of a launch with several processes (or anything with
+    ``num_processes``, ``process_index``, ``is_main_process``, ``wait_for_everyone``): process p scores
+    the batches b with b % num_processes == p into ``eval/parts/scores-rank-p.jsonl``; the main process
+    merges them, in the folder's order, once all are done. The batches, so the scores, are those of one
+    process. Every process returns the summary."""
+    from img_guidance.outputs import check_writable
+
+    folder = Path(folder)
+    several = processes is not None and processes.num_processes > 1
+    main = not several or processes.is_main_process
+    images = read_folder(folder, warn=warn if main else None)
+    check_writable(folder / EVAL_DIR)
+    if not several:
+        rows = score_rows(folder, images, scorers, batch_size=batch_size, warn=warn, progress=progress)
+        return write_scores(folder, rows, scorers)
+    from img_guidance.eval.distributed import merge_batches, split_batches
+
+    # 1. This process's batches, its lines in a file of its own
+    index, count = processes.process_index, processes.num_processes
+    mine = split_batches(images, batch_size, index, count)
+    rows = score_rows(folder, mine, scorers, batch_size=batch_size, warn=warn, progress=progress)
+    parts = folder / EVAL_DIR / SCORE_PARTS
+    parts.mkdir(parents=True, exist_ok=True)
+    _write_lines_atomic(parts / score_part_name(index), rows)
+    processes.wait_for_everyone()
+    # 2. The main process merges the lines in the folder's order
+    if main:
+        shares = [_read_lines(parts / score_part_name(i)) for i in range(count)]
+        rows = merge_batches(shares, batch_size)
+        for row, image in zip(rows, images, strict=True):
+            if (row["file"], row["system"]) != (image.file, image.system):
+                raise ValueError(f"{parts}: the score lines do not follow {folder}'s images")
+        write_scores(folder, rows, scorers)
+        for part in parts.glob(score_part_name("*")):
+            part.unlink()
+        with contextlib.suppress(OSError):  # holding what is not ours
+            parts.rmdir()
+    processes.wait_for_everyone()
+    return json.loads((folder / EVAL_DIR / SUMMARY_FILE).read_text(encoding="utf-8"))
+
+
+def score_part_name(index: int | str) -> str:
+    """The file of process ``index``'s score lines in ``eval/parts/``."""
+    return f"scores-rank-{index}.jsonl"
+
+
+def score_rows(
+    folder: str | os.PathLike,
+    images: Sequence[EvalImage],
+    scorers: Sequence[Any],
+    *,
+    batch_size: int = 16,
+    warn: Callable[[str], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The score lines of ``images`` (files of ``folder``), scored in batches of ``batch_size`` in
+    order; an image that does not decode is reported through ``warn`` and scored None."""
+    from PIL import Image, UnidentifiedImageError
 
     warn = warn or (lambda line: None)
     folder = Path(folder)
-    images = read_folder(folder, warn=warn)
-    check_writable(folder / EVAL_DIR)
     rows = [
         {"file": im.file, "prompt": im.prompt, "seed": im.seed, "system": im.system, "category": im.category}
         for im in images
@@ -181,10 +241,17 @@ def score_folder(
                 rows[start + i][scorer.name] = by_index.get(i)  # None: did not decode
         if progress is not None:
             progress(len(chunk))
-    names = [s.name for s in scorers]
-    summary = summarize(rows, names)
+    return rows
+
+
+def write_scores(folder: str | os.PathLike, rows: Sequence[dict[str, Any]], scorers: Sequence[Any]) -> dict:
+    """Write ``rows`` to ``folder/eval/scores.jsonl`` and their summary (with each scorer's
+    ``describe()``) to ``folder/eval/summary.json``, each through a temporary name; return the summary."""
+    from img_guidance.outputs import write_json_atomic
+
+    summary = summarize(rows, [s.name for s in scorers])
     summary["scorers"] = [s.describe() for s in scorers]
-    out = folder / EVAL_DIR
+    out = Path(folder) / EVAL_DIR
     out.mkdir(parents=True, exist_ok=True)
     _write_lines_atomic(out / SCORES_FILE, rows)
     write_json_atomic(out / SUMMARY_FILE, summary)
@@ -203,12 +270,16 @@ def _write_lines_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         raise
 
 
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def read_scores(folder: str | os.PathLike) -> list[dict[str, Any]]:
     """The per-image score lines ``score_folder`` wrote in ``folder/eval/scores.jsonl``."""
     path = Path(folder) / EVAL_DIR / SCORES_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: score the folder first (img-guidance eval score)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return _read_lines(path)
 
 
 def summarize(rows: Sequence[dict[str, Any]], scorers: Sequence[str]) -> dict[str, Any]:
