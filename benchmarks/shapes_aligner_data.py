@@ -22,6 +22,11 @@ copied) with one change, then IMG on the validation split at IP 0.5 and 1.0
 - ``reprompt``: every generated image also paired with ``--reprompts`` near misses of its prompt
   (``shapes.grammar.near_misses``) that are training scenes, against the render of its nearest
   correct scene for that prompt (``shapes.correct.corrected_layout``), as the pairs stage does.
+- ``renders``: the recipe's ``pair_renders`` rows made from renders
+  (``shapes.data.make_render_pairs``) added to the run's pairs.
+
+``--set KEY=VALUE`` (repeatable) changes a recipe setting of the variant's stages, for example
+``--set pair_renders=60000 --set aligner_steps=12000 --set aligner_batch=64``.
 
 Prints one JSON line per row.
 """
@@ -42,6 +47,7 @@ import torch.nn.functional as F
 
 from img_guidance.aligner import ImplicitAligner
 from img_guidance.features.cache import FeatureCache, collate_features
+from img_guidance.recipes.train_shapes import ShapesRecipe
 
 HELD_OUT = 800
 STEPS = 3000
@@ -134,11 +140,11 @@ def probe(run: Path, *, steps: int = STEPS, held_out: int = HELD_OUT) -> list[di
     return results
 
 
-def _variant_pairs(run: Path, out: Path, variant: str, reprompts: int, split_seed: int) -> dict:
+def _variant_pairs(run: Path, out: Path, variant: str, reprompts: int, split_seed: int, recipe) -> dict:
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from img_guidance.recipes.train_shapes import training_scenes
+    from img_guidance.recipes.train_shapes import render_pairs, training_scenes
     from img_guidance.shapes.correct import corrected_layout
     from img_guidance.shapes.data import pair_row, png_bytes, write_pairs
     from img_guidance.shapes.grammar import describe, near_misses, parse
@@ -180,11 +186,15 @@ def _variant_pairs(run: Path, out: Path, variant: str, reprompts: int, split_see
                 added.append(
                     pair_row(describe(near[j]), *pair, (1.0, 0.0) if first else (0.0, 1.0), row["ranking_id"])
                 )
+    if variant == "renders":
+        added, _ = render_pairs(recipe, print)
     write_pairs(out / "data" / "pairs.parquet", rows + added)
     return {"pairs": len(rows), "added": len(added)}
 
 
-def variant(run: Path, out: Path, name: str, seed: int, reprompts: int) -> dict:
+def variant(
+    run: Path, out: Path, name: str, seed: int, reprompts: int, overrides: dict | None = None
+) -> dict:
     from img_guidance.recipes.train_shapes import (
         ShapesRecipe,
         choose_ip_scale,
@@ -195,13 +205,13 @@ def variant(run: Path, out: Path, name: str, seed: int, reprompts: int) -> dict:
     settings = json.loads((run / "train_all.json").read_text())["recipe"]
     split_seed = settings["seed"]  # the run's split: its validation scenes stay unseen
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
-    recipe = ShapesRecipe(**{**settings, "seed": seed})
+    recipe = ShapesRecipe(**{**settings, "seed": seed, **(overrides or {})})
     out.mkdir(parents=True, exist_ok=True)
     for folder in ("generator", "detector"):
         if not (out / folder).exists():
             shutil.copytree(run / folder, out / folder)
     start = time.perf_counter()
-    counts = _variant_pairs(run, out, name, reprompts, split_seed)
+    counts = _variant_pairs(run, out, name, reprompts, split_seed, recipe)
     stage_features(out, recipe, print)
     stage_aligner(out, recipe, print)
     result = choose_ip_scale(out, (0.5, 1.0), seed=split_seed, scenes=recipe.ip_scale_scenes, log=print)
@@ -217,9 +227,16 @@ def main(argv: list[str] | None = None) -> list[dict] | dict:
     parser.add_argument("what", choices=["probe", "variant"])
     parser.add_argument("--run", type=Path, required=True, help="a finished `shapes train-all` folder")
     parser.add_argument("--out", type=Path, help="variant: a new folder for its stages")
-    parser.add_argument("--variant", choices=["seed", "flip", "reprompt"], default="seed")
+    parser.add_argument("--variant", choices=["seed", "flip", "reprompt", "renders"], default="seed")
     parser.add_argument("--seed", type=int, default=0, help="variant: the recipe seed of its stages")
     parser.add_argument("--reprompts", type=int, default=4)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="variant: a recipe setting of its stages (repeatable), e.g. pair_renders=60000",
+    )
     parser.add_argument("--steps", type=int, default=STEPS, help="probe: training steps per aligner")
     parser.add_argument("--held-out", type=int, default=HELD_OUT, help="probe: held-out pairs")
     args = parser.parse_args(argv)
@@ -229,7 +246,14 @@ def main(argv: list[str] | None = None) -> list[dict] | dict:
         parser.error("variant needs --out")
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"--out {args.out} is not empty: give a new folder")
-    return variant(args.run, args.out, args.variant, args.seed, args.reprompts)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in ShapesRecipe.__dataclass_fields__ or not value:
+            parser.error(f"--set {item}: give KEY=VALUE with a ShapesRecipe setting as KEY")
+        kind = type(getattr(ShapesRecipe(), key))
+        overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return variant(args.run, args.out, args.variant, args.seed, args.reprompts, overrides)
 
 
 if __name__ == "__main__":

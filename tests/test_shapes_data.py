@@ -9,12 +9,14 @@ from PIL import Image
 
 from img_guidance.data.pairs import PairStats, iter_pairs
 from img_guidance.data.triplets import iter_triplets
+from img_guidance.shapes import data as shapes_data
 from img_guidance.shapes.data import (
     CorrectionCounts,
     PairCounts,
     label_pair,
     make_correction_pairs,
     make_pairs,
+    make_render_pairs,
     make_triplets,
     png_bytes,
     write_pairs,
@@ -155,6 +157,45 @@ def test_correction_pairs_put_every_wrong_image_against_its_fix(tmp_path):
     fixed = judge(pairs[i].preferred, scenes[0]).objects
     assert len(fixed) == 1 and abs(fixed[0].cx - red[0].cx) < 1 and abs(fixed[0].cy - red[0].cy) < 1
     assert counts.kept_objects >= 1
+
+
+def test_render_pairs_put_a_render_of_a_near_miss_against_its_fix(tmp_path, monkeypatch):
+    """Rows from renders: every preferred image is judged right for the row's prompt, the other is
+    of the prompt or of a near miss (judged wrong), made the same whatever the number of workers."""
+    monkeypatch.setattr(shapes_data, "RENDER_CHUNK", 40)
+    targets = [parse(p) for p in PAIR_SCENES]
+    count = 100  # three random streams
+    rows, counts = make_render_pairs(targets, count=count, seed=3, first_id=10, right=0.3)
+    assert counts.rows == len(rows) == count and counts.right + counts.wrong == count
+    assert 0.15 < counts.right / count < 0.45  # right images drawn with probability 0.3
+    assert [r["ranking_id"] for r in rows] == list(range(10, 10 + count))
+    assert {r["caption"] for r in rows} <= set(PAIR_SCENES)
+    assert {(r["label_0"], r["label_1"]) for r in rows} == {(1.0, 0.0), (0.0, 1.0)}
+    pairs = list(iter_pairs(write_pairs(tmp_path / "pairs.parquet", rows)))
+    verdicts = [judge(pair.unpreferred, pair.prompt).correct for pair in pairs]
+    assert all(judge(pair.preferred, pair.prompt).correct is True for pair in pairs)
+    assert True in verdicts and False in verdicts
+    parallel, parallel_counts = make_render_pairs(
+        targets, count=count, seed=3, first_id=10, right=0.3, workers=2
+    )
+    assert parallel == rows and parallel_counts == counts
+    other, _ = make_render_pairs(targets, count=40, seed=4, right=0.3)
+    assert [r["jpg_0"] for r in other] != [r["jpg_0"] for r in rows[:40]]
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"count": -1}, "count must be"),
+        ({"right": 1.5}, "right and second_edit"),
+        ({"workers": 0}, "workers"),
+    ],
+)
+def test_make_render_pairs_checks_its_settings(options, match):
+    with pytest.raises(ValueError, match=match):
+        make_render_pairs([parse("a red circle")], **{"count": 4, "seed": 0, **options})
+    with pytest.raises(ValueError, match="at least one target"):
+        make_render_pairs([], count=4, seed=0)
 
 
 def test_correction_pairs_of_right_images_are_empty():

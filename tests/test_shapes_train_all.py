@@ -45,7 +45,9 @@ def test_every_stage_runs_and_records_its_time(run):
     assert all(stage["seconds"] > 0 for stage in report["stages"].values())
     pairs = list(iter_pairs(run / "data" / "pairs.parquet"))
     counts = report["stages"]["pairs"]["result"]
-    assert len(pairs) == counts["pairs"] + counts["redraws"] and counts["prompts"] == 24
+    rendered = counts["rendered"]
+    assert rendered["rows"] == 30 == rendered["right"] + rendered["wrong"]
+    assert len(pairs) == counts["pairs"] + counts["redraws"] + rendered["rows"] and counts["prompts"] == 24
     detector = load_guidance(run / "detector")
     assert detector.prompt_format == "llava_v0" and detector.hidden_size == 64
     aligner = load_aligner(run / "aligner")
@@ -70,11 +72,13 @@ def test_the_pairs_stage_writes_corrections_and_checks_its_method(run):
     # each against its correction; the right half each against its redraw (pair_redraw_right)
     assert counts["images"] == 48 and counts["right"] == 24 and counts["pairs"] == 24
     assert counts["redraws"] == 24
+    rendered = counts["rendered"]  # then the recipe's 30 rows from renders
     unpreferred_right = []
     for pair in iter_pairs(run / "data" / "pairs.parquet"):
         assert judge(pair.preferred, pair.prompt).correct is True
         unpreferred_right.append(judge(pair.unpreferred, pair.prompt).correct)
-    assert sorted(unpreferred_right) == [False] * 24 + [True] * 24
+    assert sorted(unpreferred_right[:48]) == [False] * 24 + [True] * 24
+    assert unpreferred_right[48:].count(True) == rendered["right"] and len(unpreferred_right) == 48 + 30
     with pytest.raises(ValueError, match=r"pair_method must be one of .*'correction'.*got 'best'"):
         ShapesRecipe(pair_method="best")
 
@@ -269,3 +273,26 @@ def test_the_aligner_data_benchmark_probes_and_trains_a_variant(run, tmp_path):
     assert line["added"] > 0 and len(pairs) == line["pairs"] + line["added"]
     assert set(line["validation"]) == {"base", "IMG, IP 0.5", "IMG, IP 1"}
     assert (tmp_path / "v" / "aligner").is_dir()
+    # rows from renders, with recipe settings changed by --set; a setting that does not exist is refused
+    with pytest.raises(SystemExit):
+        module.main(["variant", "--run", str(run), "--out", str(tmp_path / "x"), "--set", "pair_render=3"])
+    argv = ["variant", "--run", str(run), "--out", str(tmp_path / "r"), "--variant", "renders"]
+    with torch.random.fork_rng():
+        line = module.main([*argv, "--set", "pair_renders=12", "--set", "aligner_steps=3"])
+    pairs = list(iter_pairs(tmp_path / "r" / "data" / "pairs.parquet"))
+    assert line["added"] == 12 and len(pairs) == line["pairs"] + 12
+    assert (tmp_path / "r" / "aligner_run" / "checkpoints" / "step_00000003").is_dir()
+
+
+def test_a_report_written_before_a_setting_existed_reads_it_at_its_default():
+    """A run recorded before ``pair_renders`` existed made no rows from renders: its folder resumes
+    under the default recipe, and any other difference is still one."""
+    import dataclasses
+
+    from img_guidance.recipes.train_shapes import recorded_settings
+
+    settings = json.loads(json.dumps(dataclasses.asdict(ShapesRecipe())))
+    older = {k: v for k, v in settings.items() if k != "pair_renders"}
+    assert recorded_settings(older) == settings
+    assert recorded_settings({**older, "seed": 1}) != settings
+    assert recorded_settings({**older, "pair_renders": 5}) != settings

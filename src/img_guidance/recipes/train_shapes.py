@@ -14,7 +14,9 @@
    (:func:`~img_guidance.shapes.data.make_correction_pairs`), and with ``pair_redraw_right`` every
    image judged right against its own redraw; ``"best-worst"``: a prompt's best image
    against its worst, prompts whose images all score alike giving no pair
-   (:func:`~img_guidance.shapes.data.make_pairs`).
+   (:func:`~img_guidance.shapes.data.make_pairs`). Then ``pair_renders`` rows made without the
+   generator (:func:`~img_guidance.shapes.data.make_render_pairs`): a degraded render of a training
+   prompt or of a near miss of it, against its nearest correct render.
 4. ``features``: the project's feature stage (:func:`~img_guidance.features.extract.extract_features`)
    with the generator's image tokens and the detector's guidance -> ``OUT/features``.
 5. ``aligner``: the aligner recipe (:func:`~img_guidance.recipes.train_aligner.train`) on that cache
@@ -86,6 +88,9 @@ class ShapesRecipe:
     # "correction" only: every image judged right also against its own redraw (the render of the
     # scene it shows), so that the aligner learns to keep what is right (False until 2026-12-05)
     pair_redraw_right: bool = True
+    # rows made from renders, not generations (shapes.data.make_render_pairs), added to the pairs:
+    # a training prompt's image (a degraded render of it or of a near miss) against its correction
+    pair_renders: int = 0
     # aligner (stage 5)
     aligner_depth: int = 2
     aligner_heads: int = 4
@@ -121,6 +126,7 @@ class ShapesRecipe:
             ip_scale_scenes=4,
             pair_prompts=24,
             pair_generations=2,
+            pair_renders=30,
             aligner_steps=6,
             aligner_batch=4,
         )
@@ -358,8 +364,25 @@ def stage_pairs(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -> 
         )
     if not rows:
         raise RuntimeError(empty)
-    write_pairs(out / "data" / "pairs.parquet", rows)
-    return asdict(counts)
+    added, rendered = render_pairs(recipe, log)
+    write_pairs(out / "data" / "pairs.parquet", rows + added)
+    return {**asdict(counts), **({"rendered": asdict(rendered)} if added else {})}
+
+
+def render_pairs(recipe: ShapesRecipe, log: Callable[[str], None]) -> tuple[list[dict[str, Any]], Any]:
+    """The recipe's ``pair_renders`` rows from renders of training prompts
+    (:func:`~img_guidance.shapes.data.make_render_pairs`), ranking ids after the generated rows'."""
+    from img_guidance.shapes.data import make_render_pairs
+
+    if recipe.pair_renders:
+        log(f"pairs: {recipe.pair_renders} rows from renders")
+    return make_render_pairs(
+        training_scenes(recipe.seed),
+        count=recipe.pair_renders,
+        seed=recipe.seed,
+        first_id=recipe.pair_prompts,
+        workers=os.cpu_count() or 1,
+    )
 
 
 def stage_features(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -> dict[str, Any]:
@@ -460,7 +483,7 @@ def train_all(
     report_path = out / "train_all.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     settings = json.loads(json.dumps(asdict(recipe)))
-    if report.get("recipe", settings) != settings:
+    if recorded_settings(report.get("recipe", settings)) != settings:
         raise ValueError(f"{out} holds a run with other settings ({report_path}); give a new folder")
     report["recipe"] = settings
     report.setdefault("stages", {})
@@ -479,6 +502,14 @@ def train_all(
         write_json_atomic(report_path, report)
         log(f"[{name}] done in {seconds:.0f} s")
     return report
+
+
+def recorded_settings(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A report's recipe with the settings added since it was written at their defaults: a new
+    setting's default is what the code did before it existed (``pair_renders=0``: no rows from
+    renders), so a run recorded without it is a run with it at its default."""
+    defaults = json.loads(json.dumps(asdict(ShapesRecipe())))
+    return {**{k: v for k, v in defaults.items() if k not in recipe}, **recipe}
 
 
 def _relative(value: Any, out: Path) -> Any:
