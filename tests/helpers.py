@@ -1,5 +1,8 @@
 """Shared test helpers."""
 
+import threading
+from collections.abc import Callable
+
 import torch
 
 
@@ -41,3 +44,36 @@ def official_state_dict(cfg: dict, *, prefix: str = "module.", scale: float = 0.
             t = 1 + t
         state[prefix + key] = t
     return state
+
+
+class ThreadProcess:
+    """What the project reads from accelerate's ``Accelerator``/``PartialState`` (index, count, main,
+    barrier), for one of several threads standing in for processes."""
+
+    def __init__(self, index: int, count: int, barrier: threading.Barrier):
+        self.process_index, self.num_processes, self.barrier = index, count, barrier
+        self.is_main_process = index == 0
+
+    def wait_for_everyone(self):
+        self.barrier.wait(timeout=120)
+
+
+def run_as_processes(work: Callable[[int, ThreadProcess], object], count: int = 2) -> dict[int, object]:
+    """``work(p, process)`` in ``count`` threads at once, sharing one barrier; their results by index.
+    A thread that fails aborts the barrier (so none waits forever) and its error is raised."""
+    barrier, results, failures = threading.Barrier(count), {}, []
+
+    def run(p: int):
+        try:
+            results[p] = work(p, ThreadProcess(p, count, barrier))
+        except BaseException as err:
+            failures.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not failures, failures
+    return results

@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -36,6 +35,7 @@ from img_guidance.eval.harness import score_folder
 from img_guidance.eval.scorers import load_scorer
 from img_guidance.outputs import OutputFolder, SettingsMismatch
 from img_guidance.shapes.render import render
+from tests.helpers import run_as_processes
 
 runner = CliRunner()
 RUN = ["eval", "run", "shapes", "--model", "shapes", "--limit", "5", "--images-per-prompt", "2"]
@@ -115,17 +115,6 @@ def test_the_launchers_process_count_and_each_processs_device(monkeypatch):
 # ---------------------------------------------------------------- scoring in two processes
 
 
-class Process:
-    """What score_folder reads from accelerate's PartialState, for one of several threads."""
-
-    def __init__(self, index: int, count: int, barrier: threading.Barrier):
-        self.process_index, self.num_processes, self.barrier = index, count, barrier
-        self.is_main_process = index == 0
-
-    def wait_for_everyone(self):
-        self.barrier.wait(timeout=120)
-
-
 class Recording:
     """A scorer that records the prompts of each batch it scores."""
 
@@ -162,25 +151,13 @@ def test_two_processes_score_their_batches_and_the_main_one_writes_what_one_proc
     judges = [load_scorer("shapes-judge"), load_scorer("shapes-checks")]
     expected = score_folder(one, judges, batch_size=2)
 
-    barrier, results, failures = threading.Barrier(2), {}, []
     recordings = [[Recording(s) for s in judges] for _ in range(2)]
     warnings: list[str] = []
-
-    def run(p: int):
-        try:
-            results[p] = score_folder(
-                two, recordings[p], batch_size=2, warn=warnings.append, processes=Process(p, 2, barrier)
-            )
-        except BaseException as err:
-            failures.append(err)
-            barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(p,)) for p in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert not failures, failures
+    results = run_as_processes(
+        lambda p, process: score_folder(
+            two, recordings[p], batch_size=2, warn=warnings.append, processes=process
+        )
+    )
     # batches of 2 over 7 images: 0-1, 2-3, 4-5 (im4 does not decode), 6: process 0 has 0-1 and 4-5
     prompts = [line["prompt"] for line in map(json.loads, (one / "images.jsonl").read_text().splitlines())]
     assert recordings[0][0].batches == [prompts[0:2], prompts[5:6]]

@@ -22,6 +22,7 @@ from img_guidance.guidance.questions import choose_question, fill
 from img_guidance.testing.llava import HIDDEN_SIZE, make_tiny_llava
 from img_guidance.testing.pairs import PREFER_1, TIE, PickapicRow, write_pickapic_parquet
 from img_guidance.testing.sdxl import make_tiny_sdxl
+from tests.helpers import run_as_processes
 
 SEED = 3
 ROWS_PER_SHARD = 3
@@ -249,37 +250,12 @@ def test_a_rerun_with_other_settings_is_refused(tiny, encoder, guidance, referen
         extract(tiny, out, encoder, guidance, questions=["What about {prompt}?"])
 
 
-class Process:
-    """What extract_features reads from an accelerate Accelerator, for one of several threads."""
-
-    def __init__(self, index: int, count: int, barrier: threading.Barrier):
-        self.process_index, self.num_processes, self.barrier = index, count, barrier
-        self.is_main_process = index == 0
-
-    def wait_for_everyone(self):
-        self.barrier.wait(timeout=120)
-
-
 def test_two_processes_split_the_shards_and_equal_one(tiny, encoder, guidance, reference, tmp_path):
-    out, lock, barrier = tmp_path / "cache", threading.Lock(), threading.Barrier(2)
+    out, lock = tmp_path / "cache", threading.Lock()
     recordings = [Recording(guidance, lock=lock) for _ in range(2)]
-    results, errors = {}, []
-
-    def run(p: int):
-        try:
-            results[p] = extract(
-                tiny, out, Locked(encoder, lock), recordings[p], accelerator=Process(p, 2, barrier)
-            )
-        except BaseException as err:
-            errors.append(err)
-            barrier.abort()
-
-    threads = [threading.Thread(target=run, args=(p,)) for p in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert not errors, errors
+    results = run_as_processes(
+        lambda p, process: extract(tiny, out, Locked(encoder, lock), recordings[p], accelerator=process)
+    )
     assert sorted(recordings[0].rows) == [0, 1, 6]  # shards 0 and 2
     assert sorted(recordings[1].rows) == [3, 5]  # shard 1
     _, expected = reference
