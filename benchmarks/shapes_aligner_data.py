@@ -252,7 +252,14 @@ def main(argv: list[str] | None = None) -> list[dict] | dict:
         if key not in ShapesRecipe.__dataclass_fields__ or not value:
             parser.error(f"--set {item}: give KEY=VALUE with a ShapesRecipe setting as KEY")
         kind = type(getattr(ShapesRecipe(), key))
-        overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        if kind not in (bool, int, float, str):
+            parser.error(f"--set {item}: {key} is not a single value; only scalar settings can be set")
+        try:
+            overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            parser.error(f"--set {item}: {key} takes a {kind.__name__}, got {value!r}")
+    if args.variant == "renders" and overrides.get("pair_renders", 0) < 1:
+        parser.error("--variant renders adds the recipe's pair_renders rows: give --set pair_renders=N")
     return variant(args.run, args.out, args.variant, args.seed, args.reprompts, overrides)
 
 

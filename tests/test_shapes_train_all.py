@@ -274,8 +274,12 @@ def test_the_aligner_data_benchmark_probes_and_trains_a_variant(run, tmp_path):
     assert set(line["validation"]) == {"base", "IMG, IP 0.5", "IMG, IP 1"}
     assert (tmp_path / "v" / "aligner").is_dir()
     # rows from renders, with recipe settings changed by --set; a setting that does not exist is refused
-    with pytest.raises(SystemExit):
-        module.main(["variant", "--run", str(run), "--out", str(tmp_path / "x"), "--set", "pair_render=3"])
+    for bad in (["--set", "pair_render=3"], ["--set", "aligner_steps=many"], ["--set", "ip_scales=1"]):
+        with pytest.raises(SystemExit):
+            module.main(["variant", "--run", str(run), "--out", str(tmp_path / "x"), *bad])
+    with pytest.raises(SystemExit):  # rows from renders need a count
+        module.main(["variant", "--run", str(run), "--out", str(tmp_path / "x"), "--variant", "renders"])
+    assert not (tmp_path / "x").exists()
     argv = ["variant", "--run", str(run), "--out", str(tmp_path / "r"), "--variant", "renders"]
     with torch.random.fork_rng():
         line = module.main([*argv, "--set", "pair_renders=12", "--set", "aligner_steps=3"])

@@ -241,12 +241,17 @@ class OutputFolder:
         files["compare"] = f"compare/{name}.png"
         save_image_atomic(side_by_side([initial, *calibrated]), self.root / files["compare"])
         line = {"name": name, **record, "files": files}
-        path = self.root / METADATA
-        # a line cut short by a kill has no newline: start on a fresh line, never glued to it
-        fresh = not path.exists() or path.stat().st_size == 0 or _last_byte(path) == b"\n"
-        with open(path, "ab") as f:
-            f.write((("" if fresh else "\n") + json.dumps(line) + "\n").encode("utf-8"))
+        append_lines(self.root / METADATA, [line])
         return line
+
+
+def append_lines(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append one JSON line per record to ``path`` in one write, on a fresh line: a line cut short by
+    a kill has no newline, and the next must never be glued to it."""
+    fresh = not path.exists() or path.stat().st_size == 0 or _last_byte(path) == b"\n"
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    with open(path, "ab") as f:
+        f.write((("" if fresh else "\n") + text).encode("utf-8"))
 
 
 def _last_byte(path: Path) -> bytes:

@@ -22,14 +22,13 @@ number of processes, before it decides what is left to do (:func:`part_records`)
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from img_guidance.outputs import METADATA, OutputFolder
+from img_guidance.outputs import METADATA, OutputFolder, append_lines
 
 T = TypeVar("T")
 PARTS = "parts"
@@ -214,19 +213,6 @@ def merge_parts(out: str | os.PathLike) -> int:
         if present.get(record["name"]) != record:
             lines.append(record)
     if lines:
-        _append_lines(out / METADATA, lines)
+        append_lines(out / METADATA, lines)
     remove_parts(out)
     return len(records)
-
-
-def _append_lines(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Append one JSON line per record in one write, on a fresh line (a line cut short by a kill has
-    no newline; the next must not be glued to it), as ``OutputFolder.write`` appends."""
-    fresh = True
-    if path.is_file() and path.stat().st_size > 0:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            fresh = f.read(1) == b"\n"
-    text = "".join(json.dumps(record) + "\n" for record in records)
-    with open(path, "ab") as f:
-        f.write((("" if fresh else "\n") + text).encode("utf-8"))
