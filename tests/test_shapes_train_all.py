@@ -4,6 +4,8 @@ then the models loading as a pipeline, generate and judge through the CLI."""
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -60,8 +62,42 @@ def test_every_stage_runs_and_records_its_time(run):
     lines = []
     train_all(run, recipe=ShapesRecipe.quick(), log=lines.append)
     assert all("skipped" in line for line in lines)
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match=r"other settings \(seed;"):
         train_all(run, recipe=ShapesRecipe.quick(seed=1), log=lambda line: None)
+
+
+def test_reuse_reruns_only_the_stages_a_changed_setting_reaches(run, tmp_path):
+    from img_guidance.recipes.train_shapes import stage_settings
+
+    settings = json.loads(json.dumps(asdict(ShapesRecipe())))
+    assert set(stage_settings("aligner", settings)) >= {"aligner_lr", "detector_hidden", "pair_renders"}
+    assert not set(stage_settings("pairs", settings)) & {"detector_hidden", "aligner_lr"}
+    assert (
+        not set(stage_settings("generator", settings))
+        - {"seed"}
+        - {k for k in settings if k.startswith("generator_")}
+    )
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    before = json.loads((copy / "train_all.json").read_text())["stages"]
+    recipe = replace(ShapesRecipe.quick(), aligner_steps=4, detector_hidden=32)
+    with pytest.raises(ValueError, match=r"other settings \(aligner_steps, detector_hidden;"):
+        train_all(copy, recipe=recipe, log=lambda line: None)
+    lines = []
+    after = train_all(copy, recipe=recipe, reuse=True, log=lines.append)["stages"]
+    skipped = [
+        name for name in STAGES if f"[{name}] done before ({before[name]['seconds']:.0f} s), skipped" in lines
+    ]
+    assert skipped == ["generator", "pairs"]
+    assert "[detector] other settings (detector_hidden)" in lines
+    assert "[aligner] other settings (detector_hidden, aligner_steps)" in lines
+    assert after["generator"] == before["generator"] and after["pairs"] == before["pairs"]
+    assert list(after) == list(STAGES)  # in the order the stages run, whichever ran again
+    assert after["aligner"]["result"]["steps"] == 4 and load_guidance(copy / "detector").hidden_size == 32
+    assert json.loads((copy / "train_all.json").read_text())["recipe"] == asdict(recipe) | {
+        "ip_scales": list(recipe.ip_scales),
+        "aligner_terms": list(recipe.aligner_terms),
+    }
 
 
 def test_the_pairs_stage_writes_corrections_and_checks_its_method(run):
@@ -288,15 +324,16 @@ def test_the_aligner_data_benchmark_probes_and_trains_a_variant(run, tmp_path):
     assert (tmp_path / "r" / "aligner_run" / "checkpoints" / "step_00000003").is_dir()
 
 
-def test_a_report_written_before_a_setting_existed_reads_it_at_its_default():
-    """A run recorded before ``pair_renders`` existed made no rows from renders: its folder resumes
-    under the default recipe, and any other difference is still one."""
+def test_a_report_written_before_a_setting_existed_reads_it_at_what_the_code_did_then():
+    """A run recorded before ``pair_renders`` existed made no rows from renders, whatever the
+    default is now: its folder resumes under a recipe with ``pair_renders=0`` only."""
     import dataclasses
 
     from img_guidance.recipes.train_shapes import recorded_settings
 
-    settings = json.loads(json.dumps(dataclasses.asdict(ShapesRecipe())))
+    settings = json.loads(json.dumps(dataclasses.asdict(ShapesRecipe(pair_renders=0))))
     older = {k: v for k, v in settings.items() if k != "pair_renders"}
+    assert ShapesRecipe().pair_renders > 0
     assert recorded_settings(older) == settings
     assert recorded_settings({**older, "seed": 1}) != settings
-    assert recorded_settings({**older, "pair_renders": 5}) != settings
+    assert recorded_settings(older) != json.loads(json.dumps(dataclasses.asdict(ShapesRecipe())))

@@ -337,6 +337,77 @@ def generate(
     )
 
 
+def _check_items(
+    items,
+    *,
+    model: str,
+    offload: str,
+    guidance_scale: float | None,
+    ip_scale: float | None,
+    questions: Path | None,
+    height: int | None,
+    width: int | None,
+) -> None:
+    """``generate_items``' checks of its input, before any model loads: one line for the first
+    bad value."""
+    from img_guidance.backends import check_request
+
+    try:
+        check_offload(offload)
+    except ValueError as err:
+        raise fail(f"--offload: {err}") from None
+    try:  # the backend's check, before loading it (typer's min= lets inf through)
+        check_scale("--guidance-scale", guidance_scale)
+        check_scale("--ip-scale", ip_scale)
+    except ValueError as err:
+        raise fail(str(err)) from None
+    empty = [i for i, item in enumerate(items) if not item.prompt.strip()]
+    if empty:
+        raise fail(f"prompt {empty[0]} is empty")
+    bad_seeds = [(i, item.seed) for i, item in enumerate(items) if item.seed is not None]
+    bad_seeds = [(i, s) for i, s in bad_seeds if not 0 <= s <= MAX_SEED]
+    if bad_seeds:
+        i, bad = bad_seeds[0]
+        raise fail(f"prompt {i}: seed must lie in [0, 2**63 - 1], got {bad}")
+    if questions is not None and not questions.is_file():
+        raise fail(f"questions file not found: {questions}")
+    try:
+        check_request(model, [item.prompt for item in items], height=height, width=width)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise fail(f"--model {model}: {err}" if isinstance(err, FileNotFoundError) else str(err)) from err
+
+
+def _generate_batches(pipe, todo: list, items, target, *, batch_size: int, show: bool, **generation) -> None:
+    """Run IMG on ``todo`` ((name, prompt, seed, item index) rows) in batches, writing each prompt's
+    images into the output folder ``target`` as its batch finishes; a progress bar when ``show``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False, disable=not show) as progress:
+        task = progress.add_task("IMG", total=len(todo))
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            result = pipe(
+                [prompt for _, prompt, _, _ in batch],
+                [item_seed for _, _, item_seed, _ in batch],
+                **generation,
+            )
+            for j, (name, _, _, index) in enumerate(batch):
+                try:
+                    target.write(
+                        name,
+                        result.initial[j],
+                        [r.calibrated[j] for r in result.rounds],
+                        {"index": index, **result.metadata[j], **_category(items[index])},
+                    )
+                except OSError as err:
+                    raise fail(
+                        f"cannot write {name} to {target.root}: {err.strerror or err}; "
+                        f"{start + j} of {len(todo)} prompts written, the rest left for a rerun"
+                    ) from err
+            progress.advance(task, len(batch))
+
+
 def generate_items(
     items,
     *,
@@ -372,7 +443,6 @@ def generate_items(
     process checks the input and reads the folder; process p generates the batches b of what is left
     with b % num_processes == p into its own part folder, on ``device``; the main process merges the
     parts into OUT once all are done. Without it (one process) images go straight into OUT."""
-    from img_guidance.backends import check_request
     from img_guidance.eval.distributed import (
         SingleProcess,
         check_parts,
@@ -387,29 +457,16 @@ def generate_items(
     processes = processes if processes is not None else SingleProcess()
     several, main = processes.num_processes > 1, processes.is_main_process
 
-    try:
-        check_offload(offload)
-    except ValueError as err:
-        raise fail(f"--offload: {err}") from None
-    try:  # the backend's check, before loading it (typer's min= lets inf through)
-        check_scale("--guidance-scale", guidance_scale)
-        check_scale("--ip-scale", ip_scale)
-    except ValueError as err:
-        raise fail(str(err)) from None
-    empty = [i for i, item in enumerate(items) if not item.prompt.strip()]
-    if empty:
-        raise fail(f"prompt {empty[0]} is empty")
-    bad_seeds = [(i, item.seed) for i, item in enumerate(items) if item.seed is not None]
-    bad_seeds = [(i, s) for i, s in bad_seeds if not 0 <= s <= MAX_SEED]
-    if bad_seeds:
-        i, bad = bad_seeds[0]
-        raise fail(f"prompt {i}: seed must lie in [0, 2**63 - 1], got {bad}")
-    if questions is not None and not questions.is_file():
-        raise fail(f"questions file not found: {questions}")
-    try:
-        check_request(model, [item.prompt for item in items], height=height, width=width)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        raise fail(f"--model {model}: {err}" if isinstance(err, FileNotFoundError) else str(err)) from err
+    _check_items(
+        items,
+        model=model,
+        offload=offload,
+        guidance_scale=guidance_scale,
+        ip_scale=ip_scale,
+        questions=questions,
+        height=height,
+        width=width,
+    )
     settings = {
         "model": model,
         "unet": unet,
@@ -475,6 +532,7 @@ def generate_items(
             f"{len(entries) - len(todo)} of {len(entries)} prompts already in {out}; doing the rest"
         )
     mine = split_batches(todo, batch_size, processes.process_index, processes.num_processes)
+    pipe = None  # a process with no batch of its own loads no model
     if mine:
         pipe = load_pipeline(
             model,
@@ -491,8 +549,6 @@ def generate_items(
             mllm_quantization=mllm_quantization,
         )
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     try:
         if main:
             start_folder(folder, settings, overwrite=overwrite)
@@ -503,36 +559,16 @@ def generate_items(
             target.start(settings)
     except OSError as err:
         raise fail(f"cannot write to {out}: {err}") from err
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False, disable=not main) as progress:
-        task = progress.add_task("IMG", total=len(mine))
-        for start in range(0, len(mine), batch_size):
-            batch = mine[start : start + batch_size]
-            result = pipe(
-                [prompt for _, prompt, _, _ in batch],
-                [item_seed for _, _, item_seed, _ in batch],
-                rounds=rounds,
-                passes=passes,
-                ip_scale=ip_scale,
-                steps=steps,
-                guidance_scale=guidance_scale,
-                height=height,
-                width=width,
-            )
-            for j, (name, _, _, index) in enumerate(batch):
-                try:
-                    target.write(
-                        name,
-                        result.initial[j],
-                        [r.calibrated[j] for r in result.rounds],
-                        {"index": index, **result.metadata[j], **_category(items[index])},
-                    )
-                except OSError as err:
-                    raise fail(
-                        f"cannot write {name} to {target.root}: {err.strerror or err}; "
-                        f"{start + j} of {len(mine)} prompts written, the rest left for a rerun"
-                    ) from err
-            progress.advance(task, len(batch))
+    generation = {
+        "rounds": rounds,
+        "passes": passes,
+        "ip_scale": ip_scale,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "height": height,
+        "width": width,
+    }
+    _generate_batches(pipe, mine, items, target, batch_size=batch_size, show=main, **generation)
     if several:
         processes.wait_for_everyone()
         if main:
@@ -782,6 +818,13 @@ def shapes_train_all(
     install: Annotated[
         bool, typer.Option(help="Copy the models into the package, where the demo and presets load them.")
     ] = False,
+    reuse: Annotated[
+        bool,
+        typer.Option(
+            help="OUT holds a run with other settings: keep its stages those settings do not change, "
+            "rerun the others."
+        ),
+    ] = False,
 ) -> None:
     """Reproduce ShapesWorld's models from nothing: generator and adapter, detector (finetuned by
     the detector recipe), preference pairs, features and aligner (the aligner recipe). A rerun into
@@ -792,7 +835,9 @@ def shapes_train_all(
 
     recipe = ShapesRecipe.quick(seed) if quick else ShapesRecipe(seed=seed)
     try:
-        report = train_all(out, recipe=recipe, log=lambda line: console.print(line, highlight=False))
+        report = train_all(
+            out, recipe=recipe, reuse=reuse, log=lambda line: console.print(line, highlight=False)
+        )
     except (ValueError, OSError) as err:
         raise fail(str(err)) from err
     for name, stage in report["stages"].items():

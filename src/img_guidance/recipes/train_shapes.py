@@ -90,14 +90,14 @@ class ShapesRecipe:
     pair_redraw_right: bool = True
     # rows made from renders, not generations (shapes.data.make_render_pairs), added to the pairs:
     # a training prompt's image (a degraded render of it or of a near miss) against its correction
-    pair_renders: int = 0
+    pair_renders: int = 60000
     # aligner (stage 5)
     aligner_depth: int = 2
     aligner_heads: int = 4
     aligner_head_dim: int = 16
-    aligner_steps: int = 3000
-    aligner_batch: int = 32
-    aligner_lr: float = 3e-4
+    aligner_steps: int = 12000
+    aligner_batch: int = 64
+    aligner_lr: float = 1e-3
     aligner_lam: float = 1.0
     aligner_k: int = 10
     aligner_terms: tuple[str, ...] = ("dpo", "spin")
@@ -457,6 +457,44 @@ def train_aligner_on(
     return train(cfg)
 
 
+# The recipe settings each stage reads itself, and the stages whose outputs it reads: a stage's
+# settings (stage_settings) are its own and every upstream stage's, so a changed setting reruns the
+# stage that reads it and every stage after it that depends on it, and nothing else.
+STAGE_OWN_SETTINGS = {
+    "generator": ("seed", "generator_"),
+    "detector": ("seed", "triplets", "detector_"),
+    "pairs": ("seed", "pair_"),
+    "features": ("seed",),
+    "aligner": ("seed", "aligner_"),
+    "ip_scale": ("seed", "ip_scale"),
+}
+STAGE_INPUTS = {
+    "generator": (),
+    "detector": (),
+    "pairs": ("generator",),
+    "features": ("generator", "detector", "pairs"),
+    "aligner": ("features",),
+    "ip_scale": ("generator", "detector", "aligner"),
+}
+
+# Folders a stage keeps when it finds them (the generator's trainer refuses a full folder, the
+# detector's untrained base is made once): removed when a reused run's stage has to run again.
+STAGE_REBUILT = {"generator": ("generator",), "detector": ("detector_base",)}
+
+
+def stage_settings(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The recipe settings (a JSON dict of :class:`ShapesRecipe`) that stage ``name``'s output
+    depends on: its own and, through the stages it reads, every upstream stage's."""
+    stages, pending = set(), [name]
+    while pending:
+        stage = pending.pop()
+        if stage not in stages:
+            stages.add(stage)
+            pending += STAGE_INPUTS[stage]
+    prefixes = tuple(prefix for stage in stages for prefix in STAGE_OWN_SETTINGS[stage])
+    return {key: value for key, value in settings.items() if key.startswith(prefixes)}
+
+
 STAGE_FUNCTIONS = {
     "generator": stage_generator,
     "ip_scale": stage_ip_scale,
@@ -472,9 +510,14 @@ def train_all(
     *,
     recipe: ShapesRecipe | None = None,
     log: Callable[[str], None] = print,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Run every stage not yet finished in ``out``; returns (and writes to ``out/train_all.json``)
-    each stage's seconds and results."""
+    each stage's seconds and results.
+
+    A folder holding a run with other settings is refused, unless ``reuse``: then the stages whose
+    settings (:func:`stage_settings`) are unchanged are kept, with the seconds they took when they
+    ran, and the others run again."""
     import torch
 
     recipe = recipe or ShapesRecipe()
@@ -483,8 +526,24 @@ def train_all(
     report_path = out / "train_all.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     settings = json.loads(json.dumps(asdict(recipe)))
-    if recorded_settings(report.get("recipe", settings)) != settings:
-        raise ValueError(f"{out} holds a run with other settings ({report_path}); give a new folder")
+    before = recorded_settings(report.get("recipe", settings))
+    if before != settings:
+        changed = sorted(key for key in settings if before.get(key) != settings[key])
+        if not reuse:
+            raise ValueError(
+                f"{out} holds a run with other settings ({', '.join(changed)}; {report_path}): give a "
+                "new folder, or reuse it to keep the stages those settings do not change"
+            )
+        for name in STAGES:
+            if name in report.get("stages", {}):
+                old, new = stage_settings(name, before), stage_settings(name, settings)
+                if old != new:
+                    log(f"[{name}] other settings ({', '.join(k for k in new if old.get(k) != new[k])})")
+                    del report["stages"][name]
+                    for folder in STAGE_REBUILT.get(
+                        name, ()
+                    ):  # stages that refuse a folder they did not make
+                        shutil.rmtree(out / folder, ignore_errors=True)
     report["recipe"] = settings
     report.setdefault("stages", {})
     report["threads"] = torch.get_num_threads()
@@ -498,18 +557,23 @@ def train_all(
         seconds = time.perf_counter() - start
         result = _relative(json.loads(json.dumps(result, default=str)), out)
         report["stages"][name] = {"seconds": seconds, "result": result}
+        report["stages"] = {stage: report["stages"][stage] for stage in STAGES if stage in report["stages"]}
         report["total_seconds"] = sum(s["seconds"] for s in report["stages"].values())
         write_json_atomic(report_path, report)
         log(f"[{name}] done in {seconds:.0f} s")
     return report
 
 
+# Settings added to the recipe after runs were recorded, at the value that is what the code did
+# before the setting existed (no rows from renders), whatever their default is now.
+SETTINGS_BEFORE_THEY_EXISTED = {"pair_renders": 0}
+
+
 def recorded_settings(recipe: dict[str, Any]) -> dict[str, Any]:
-    """A report's recipe with the settings added since it was written at their defaults: a new
-    setting's default is what the code did before it existed (``pair_renders=0``: no rows from
-    renders), so a run recorded without it is a run with it at its default."""
-    defaults = json.loads(json.dumps(asdict(ShapesRecipe())))
-    return {**{k: v for k, v in defaults.items() if k not in recipe}, **recipe}
+    """A report's recipe with the settings added since it was written at the value they stand for
+    in it (:data:`SETTINGS_BEFORE_THEY_EXISTED`): a run recorded without ``pair_renders`` made no
+    rows from renders."""
+    return {**{k: v for k, v in SETTINGS_BEFORE_THEY_EXISTED.items() if k not in recipe}, **recipe}
 
 
 def _relative(value: Any, out: Path) -> Any:
@@ -531,12 +595,12 @@ def install(out: str | os.PathLike, dest: str | os.PathLike = WEIGHTS) -> Path:
     (default: the package's weights, which the demo and presets load), with the run's report."""
     out, dest = Path(out), Path(dest)
     missing = [name for name in MODELS if not _done(out / name)]
+    report = json.loads((out / "train_all.json").read_text()) if (out / "train_all.json").is_file() else {}
+    missing += [name for name in STAGES if name not in report.get("stages", {}) and name not in missing]
     if missing:
         raise FileNotFoundError(f"{out} has no finished {', '.join(missing)}: run train-all first")
     dest.mkdir(parents=True, exist_ok=True)
     for name in MODELS:
         _publish(out / name, dest / name)
-    write_json_atomic(
-        dest / "train_all.json", _relative(json.loads((out / "train_all.json").read_text()), out)
-    )
+    write_json_atomic(dest / "train_all.json", _relative(report, out))
     return dest
