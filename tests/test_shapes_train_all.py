@@ -77,6 +77,7 @@ def test_reuse_reruns_only_the_stages_a_changed_setting_reaches(run, tmp_path):
         - {"seed"}
         - {k for k in settings if k.startswith("generator_")}
     )
+    assert set().union(*(stage_settings(name, settings) for name in STAGES)) == set(settings)
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     before = json.loads((copy / "train_all.json").read_text())["stages"]
@@ -98,6 +99,14 @@ def test_reuse_reruns_only_the_stages_a_changed_setting_reaches(run, tmp_path):
         "ip_scales": list(recipe.ip_scales),
         "aligner_terms": list(recipe.aligner_terms),
     }
+
+    # a run whose report lacks a stage is not installed, though its folders are all there
+    report = json.loads((copy / "train_all.json").read_text())
+    del report["stages"]["ip_scale"]
+    (copy / "train_all.json").write_text(json.dumps(report))
+    with pytest.raises(FileNotFoundError, match=r"has no finished ip_scale: run train-all first"):
+        install(copy, tmp_path / "weights")
+    assert not (tmp_path / "weights").exists()
 
 
 def test_the_pairs_stage_writes_corrections_and_checks_its_method(run):

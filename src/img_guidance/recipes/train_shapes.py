@@ -532,7 +532,7 @@ def train_all(
         if not reuse:
             raise ValueError(
                 f"{out} holds a run with other settings ({', '.join(changed)}; {report_path}): give a "
-                "new folder, or reuse it to keep the stages those settings do not change"
+                "new folder, or reuse it (--reuse) to keep the stages those settings do not reach"
             )
         for name in STAGES:
             if name in report.get("stages", {}):
@@ -540,9 +540,7 @@ def train_all(
                 if old != new:
                     log(f"[{name}] other settings ({', '.join(k for k in new if old.get(k) != new[k])})")
                     del report["stages"][name]
-                    for folder in STAGE_REBUILT.get(
-                        name, ()
-                    ):  # stages that refuse a folder they did not make
+                    for folder in STAGE_REBUILT.get(name, ()):
                         shutil.rmtree(out / folder, ignore_errors=True)
     report["recipe"] = settings
     report.setdefault("stages", {})
