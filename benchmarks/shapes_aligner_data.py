@@ -198,11 +198,12 @@ def variant(
     from img_guidance.recipes.train_shapes import (
         ShapesRecipe,
         choose_ip_scale,
+        recorded_settings,
         stage_aligner,
         stage_features,
     )
 
-    settings = json.loads((run / "train_all.json").read_text())["recipe"]
+    settings = recorded_settings(json.loads((run / "train_all.json").read_text())["recipe"])
     split_seed = settings["seed"]  # the run's split: its validation scenes stay unseen
     settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
     recipe = ShapesRecipe(**{**settings, "seed": seed, **(overrides or {})})

@@ -79,13 +79,13 @@ def ablation_aligner(
     run: Path, name: str, *, guidance: str, lam: float, terms: list[str], log, k: int | None = None
 ) -> Path:
     """The aligner of one ablation, trained on first use with the shipped recipe's settings."""
-    from img_guidance.recipes.train_shapes import ShapesRecipe, train_aligner_on
+    from img_guidance.recipes.train_shapes import ShapesRecipe, recorded_settings, train_aligner_on
 
     final = run / "ablations" / name / "final"
     if final.is_dir():
         return final
-    report = json.loads((run / "train_all.json").read_text())
-    recipe = ShapesRecipe(**{**report["recipe"], "aligner_terms": tuple(report["recipe"]["aligner_terms"])})
+    settings = recorded_settings(json.loads((run / "train_all.json").read_text())["recipe"])
+    recipe = ShapesRecipe(**{**settings, "aligner_terms": tuple(settings["aligner_terms"])})
     cache = run / "features" if guidance == "detector" else features_for(run, guidance, recipe, log)
     log(f"training the ablation aligner {name} ({guidance} guidance, lambda {lam}, terms {terms})")
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the table only

@@ -80,6 +80,8 @@ def test_reuse_reruns_only_the_stages_a_changed_setting_reaches(run, tmp_path):
     assert set().union(*(stage_settings(name, settings) for name in STAGES)) == set(settings)
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
+    # an ablation aligner of shapes_eval, made with the old settings
+    (copy / "ablations" / "lambda_2").mkdir(parents=True, exist_ok=True)
     before = json.loads((copy / "train_all.json").read_text())["stages"]
     recipe = replace(ShapesRecipe.quick(), aligner_steps=4, detector_hidden=32)
     with pytest.raises(ValueError, match=r"other settings \(aligner_steps, detector_hidden;"):
@@ -95,6 +97,7 @@ def test_reuse_reruns_only_the_stages_a_changed_setting_reaches(run, tmp_path):
     assert after["generator"] == before["generator"] and after["pairs"] == before["pairs"]
     assert list(after) == list(STAGES)  # in the order the stages run, whichever ran again
     assert after["aligner"]["result"]["steps"] == 4 and load_guidance(copy / "detector").hidden_size == 32
+    assert not (copy / "ablations").exists()
     assert json.loads((copy / "train_all.json").read_text())["recipe"] == asdict(recipe) | {
         "ip_scales": list(recipe.ip_scales),
         "aligner_terms": list(recipe.aligner_terms),

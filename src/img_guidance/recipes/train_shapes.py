@@ -477,9 +477,11 @@ STAGE_INPUTS = {
     "ip_scale": ("generator", "detector", "aligner"),
 }
 
-# Folders a stage keeps when it finds them (the generator's trainer refuses a full folder, the
-# detector's untrained base is made once): removed when a reused run's stage has to run again.
-STAGE_REBUILT = {"generator": ("generator",), "detector": ("detector_base",)}
+# Folders a stage keeps when it finds them, removed when a reused run's stage has to run again: the
+# generator's trainer refuses a full folder, the detector's untrained base is made once, and
+# benchmarks/shapes_eval.py trains its ablation aligners (on the pairs, features and detectors the
+# aligner's settings reach) once into OUT/ablations.
+STAGE_REBUILT = {"generator": ("generator",), "detector": ("detector_base",), "aligner": ("ablations",)}
 
 
 def stage_settings(name: str, settings: dict[str, Any]) -> dict[str, Any]:
