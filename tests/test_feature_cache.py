@@ -149,6 +149,29 @@ def test_works_with_a_dataloader_and_pickles_without_open_files(cache_dir):
     assert indices == [0, 1, 3, 4, 6, 7]
 
 
+def test_random_order_reads_open_each_shard_once(tmp_path, monkeypatch):
+    # training reads samples in random order across shards: a shard opened once stays open (an
+    # open shard is a memory map, no file descriptor), rather than being reopened per sample
+    import safetensors
+
+    w = writer(tmp_path / "cache")
+    shards = 12
+    for k in range(shards):
+        rows = [sample(k * 4 + j, 2) for j in range(4)]
+        w.write_shard(k, rows, first_row=k * 4, stop_row=k * 4 + 4, stats=stats(4, 4))
+    w.finalize(rows=shards * 4)
+    opened = []
+    real_open = safetensors.safe_open
+    monkeypatch.setattr(
+        safetensors, "safe_open", lambda path, **kw: opened.append(path) or real_open(path, **kw)
+    )
+    cache = FeatureCache(tmp_path / "cache")
+    order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(0)).tolist()
+    for i in order + order:
+        assert cache[i]["index"] == i
+    assert sorted(opened) == sorted(set(opened)) and len(opened) == shards
+
+
 def flip_byte(path, offset_from_end: int = 5) -> None:
     data = bytearray(path.read_bytes())
     data[-offset_from_end] ^= 0xFF  # inside the last tensor's data: same size, other content
