@@ -164,6 +164,19 @@ def test_full_finetuning_saves_a_folder_the_guidance_stage_loads(llava, data, tm
     assert len(summary["history"]) == 4 and all(row["train/loss"] > 0 for row in summary["history"])
 
 
+def test_defaults_train_a_frozen_vision_tower_where_bf16_is_native(llava, data, tmp_path, monkeypatch):
+    # with dtype unset and no autocast, the frozen tower must not load in bfloat16 even where the
+    # hardware computes it natively: its bf16 output would meet the float32 projector
+    import img_guidance.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert precision.default_dtype("cpu") == torch.bfloat16
+    summary = finetune(config(llava, data, tmp_path / "run", max_steps=2, checkpoint_every=2))
+    assert summary["step"] == 2
+    weights = load_file(Path(summary["final_dir"]) / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+
+
 def test_lora_adapter_and_merged_folders_load_to_the_same_detector(llava, data, tmp_path):
     common = dict(method="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0, val_rows=0, max_steps=2)
     adapter = Path(finetune(config(llava, data, tmp_path / "adapter", **common))["final_dir"])

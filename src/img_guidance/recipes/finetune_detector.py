@@ -134,7 +134,8 @@ class FinetuneConfig:
     freeze_vision: bool = True
     train_projector: bool = True
     quantization: str | None = None  # 4bit / 8bit base weights (QLoRA; bitsandbytes and a GPU)
-    dtype: str | None = None  # frozen weights' dtype; None: bfloat16 where native, else float32
+    # frozen weights' dtype; None: bfloat16 where native under mixed_precision, else float32
+    dtype: str | None = None
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     # optimisation
@@ -345,7 +346,12 @@ def load_detector(cfg: FinetuneConfig, device: torch.device) -> TransformersGuid
     from img_guidance.guidance import load_guidance
     from img_guidance.guidance.llava import TransformersGuidance
 
-    dtype = resolve_dtype(cfg.dtype, device)
+    # frozen weights in half precision need autocast (check_config): without it, unset, they are float32
+    dtype = (
+        torch.float32
+        if cfg.dtype is None and cfg.mixed_precision == "no"
+        else resolve_dtype(cfg.dtype, device)
+    )
     try:
         detector = load_guidance(
             cfg.model,
