@@ -448,15 +448,15 @@ def generate_items(
         check_parts,
         merge_parts,
         part_folder,
-        part_records,
         split_batches,
         start_folder,
     )
-    from img_guidance.outputs import OutputFolder, SettingsMismatch, check_writable, entry_name
+    from img_guidance.outputs import OutputFolder, SettingsMismatch, check_writable
 
     processes = processes if processes is not None else SingleProcess()
     several, main = processes.num_processes > 1, processes.is_main_process
 
+    # 1. Check inputs and the output folder, before any model loads
     _check_items(
         items,
         model=model,
@@ -494,27 +494,9 @@ def generate_items(
             check_parts(out, settings)
     except (SettingsMismatch, OSError) as err:
         raise fail(str(err)) from err
-    entries: dict[str, tuple[str, int, int]] = {}
-    for i, item in enumerate(items):
-        item_seed = item.seed if item.seed is not None else seed
-        # the same prompt with the same seed is the same work: it is done once
-        entries.setdefault(entry_name(item.prompt, item_seed), (item.prompt, item_seed, i))
-    if overwrite:
-        done, leftover = set(), False
-    else:
-        in_parts = {record["name"] for _, record in part_records(out)}
-        done, leftover = folder.finished() | in_parts, bool(in_parts)
-    if main:
-        for number in folder.broken_lines:
-            errors.print(
-                f"warning: {out / 'metadata.jsonl'}:{number} is cut short or not a record; skipped",
-                highlight=False,
-            )
-        for path in folder.undecodable:
-            errors.print(
-                f"warning: {path} does not decode; its prompt will be generated again", highlight=False
-            )
-    todo = [(name, *entry) for name, entry in entries.items() if name not in done]
+
+    # 2. What is left to do
+    entries, todo, leftover = _work_left(items, seed, folder, out, overwrite=overwrite, warn=main)
     # every process has read the folder (and so knows the same todo); from here on it changes
     processes.wait_for_everyone()
     if not todo:
@@ -527,12 +509,14 @@ def generate_items(
             console.print(f"all {len(entries)} prompts are already in {out}")
         processes.wait_for_everyone()
         return
-    if done and main:
+    if len(todo) < len(entries) and main:
         console.print(
             f"{len(entries) - len(todo)} of {len(entries)} prompts already in {out}; doing the rest"
         )
+
+    # 3. Load the pipeline (a process with no batch of its own loads no model)
     mine = split_batches(todo, batch_size, processes.process_index, processes.num_processes)
-    pipe = None  # a process with no batch of its own loads no model
+    pipe = None
     if mine:
         pipe = load_pipeline(
             model,
@@ -549,6 +533,7 @@ def generate_items(
             mllm_quantization=mllm_quantization,
         )
 
+    # 4. Start the folder, generate into it (or a process's part folder), merge the parts
     try:
         if main:
             start_folder(folder, settings, overwrite=overwrite)
@@ -579,6 +564,40 @@ def generate_items(
     if main:
         console.print(f"wrote {len(todo)} prompts to {out} (metadata: {out / 'metadata.jsonl'})")
     processes.wait_for_everyone()
+
+
+def _work_left(
+    items, seed: int, folder, out: Path, *, overwrite: bool, warn: bool
+) -> tuple[dict[str, tuple[str, int, int]], list[tuple[str, str, int, int]], bool]:
+    """(entries, todo, leftover) of an output folder: every (prompt, seed) once by its entry name
+    (name -> (prompt, seed, first item)), the (name, prompt, seed, item) not yet in the folder or in a
+    killed run's part folders, and whether such part folders hold any. ``warn``: print the folder's
+    skipped lines and undecodable images."""
+    from img_guidance.eval.distributed import part_records
+    from img_guidance.outputs import entry_name
+
+    entries: dict[str, tuple[str, int, int]] = {}
+    for i, item in enumerate(items):
+        item_seed = item.seed if item.seed is not None else seed
+        # the same prompt with the same seed is the same work: it is done once
+        entries.setdefault(entry_name(item.prompt, item_seed), (item.prompt, item_seed, i))
+    if overwrite:
+        done, leftover = set(), False
+    else:
+        in_parts = {record["name"] for _, record in part_records(out)}
+        done, leftover = folder.finished() | in_parts, bool(in_parts)
+    if warn:
+        for number in folder.broken_lines:
+            errors.print(
+                f"warning: {out / 'metadata.jsonl'}:{number} is cut short or not a record; skipped",
+                highlight=False,
+            )
+        for path in folder.undecodable:
+            errors.print(
+                f"warning: {path} does not decode; its prompt will be generated again", highlight=False
+            )
+    todo = [(name, *entry) for name, entry in entries.items() if name not in done]
+    return entries, todo, leftover
 
 
 @app.command()
