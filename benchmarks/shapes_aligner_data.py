@@ -23,7 +23,8 @@ copied) with one change, then IMG on the validation split at IP 0.5 and 1.0
   (``shapes.grammar.near_misses``) that are training scenes, against the render of its nearest
   correct scene for that prompt (``shapes.correct.corrected_layout``), as the pairs stage does.
 - ``renders``: the recipe's ``pair_renders`` rows made from renders
-  (``shapes.data.make_render_pairs``) added to the run's pairs.
+  (``shapes.data.make_render_pairs``) added to the run's pairs (a run whose pairs already hold
+  such rows is refused: they would be repeated).
 
 ``--set KEY=VALUE`` (repeatable) changes a recipe setting of the variant's stages, for example
 ``--set pair_renders=60000 --set aligner_steps=12000 --set aligner_batch=64``.
@@ -192,6 +193,17 @@ def _variant_pairs(run: Path, out: Path, variant: str, reprompts: int, split_see
     return {"pairs": len(rows), "added": len(added)}
 
 
+def _recorded_renders(run: Path) -> int | None:
+    """The rows from renders a finished run's pairs hold (its recorded ``pair_renders``), or None
+    where ``run`` has no report."""
+    from img_guidance.recipes.train_shapes import recorded_settings
+
+    report = run / "train_all.json"
+    if not report.is_file():
+        return None
+    return int(recorded_settings(json.loads(report.read_text())["recipe"]).get("pair_renders", 0))
+
+
 def variant(
     run: Path, out: Path, name: str, seed: int, reprompts: int, overrides: dict | None = None
 ) -> dict:
@@ -259,8 +271,18 @@ def main(argv: list[str] | None = None) -> list[dict] | dict:
             overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
         except ValueError:
             parser.error(f"--set {item}: {key} takes a {kind.__name__}, got {value!r}")
-    if args.variant == "renders" and overrides.get("pair_renders", 0) < 1:
-        parser.error("--variant renders adds the recipe's pair_renders rows: give --set pair_renders=N")
+    if args.variant == "renders":
+        if overrides.get("pair_renders", 0) < 1:
+            parser.error("--variant renders adds the recipe's pair_renders rows: give --set pair_renders=N")
+        held = _recorded_renders(args.run)
+        if held is None:
+            parser.error(f"--run {args.run} has no train_all.json: give a finished `shapes train-all` folder")
+        if held:
+            parser.error(
+                f"--variant renders: the pairs of {args.run} already hold {held} rows from renders "
+                "(its recipe's pair_renders); adding them again would repeat them: give a run made "
+                "with pair_renders=0"
+            )
     return variant(args.run, args.out, args.variant, args.seed, args.reprompts, overrides)
 
 

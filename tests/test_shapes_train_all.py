@@ -302,7 +302,7 @@ def test_the_joint_method_runs_every_stage_and_the_pipeline_carries_its_16_token
     assert out.calibrated[0].size == (32, 32)
 
 
-def test_the_aligner_data_benchmark_probes_and_trains_a_variant(run, tmp_path):
+def test_the_aligner_data_benchmark_probes_and_trains_a_variant(run, tmp_path, capsys):
     from benchmarks import shapes_aligner_data as module
 
     rows = module.main(["probe", "--run", str(run), "--steps", "2", "--held-out", "8"])
@@ -328,7 +328,18 @@ def test_the_aligner_data_benchmark_probes_and_trains_a_variant(run, tmp_path):
     with pytest.raises(SystemExit):  # rows from renders need a count
         module.main(["variant", "--run", str(run), "--out", str(tmp_path / "x"), "--variant", "renders"])
     assert not (tmp_path / "x").exists()
-    argv = ["variant", "--run", str(run), "--out", str(tmp_path / "r"), "--variant", "renders"]
+    # the run's pairs already hold its recipe's rows from renders: adding them again is refused
+    argv = ["variant", "--run", str(run), "--out", str(tmp_path / "x"), "--variant", "renders"]
+    with pytest.raises(SystemExit):
+        module.main([*argv, "--set", "pair_renders=12"])
+    assert "already hold 30 rows from renders" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    without = tmp_path / "without_renders"  # a run made with pair_renders=0, as far as its report says
+    shutil.copytree(run, without)
+    report = json.loads((without / "train_all.json").read_text())
+    report["recipe"]["pair_renders"] = 0
+    (without / "train_all.json").write_text(json.dumps(report))
+    argv = ["variant", "--run", str(without), "--out", str(tmp_path / "r"), "--variant", "renders"]
     with torch.random.fork_rng():
         line = module.main([*argv, "--set", "pair_renders=12", "--set", "aligner_steps=3"])
     pairs = list(iter_pairs(tmp_path / "r" / "data" / "pairs.parquet"))
