@@ -94,13 +94,14 @@ def ablation_aligner(
 
 
 def guidance_model(run: Path, guidance: str):
-    from img_guidance.guidance import load_guidance
+    from img_guidance.guidance import load_guidance, read_detector_info
     from img_guidance.guidance.text import TextEmbeddingGuidance
 
     if guidance == "text":
         return TextEmbeddingGuidance.from_pretrained(run / "generator")
-    if guidance == "untrained":
-        return load_guidance(run / "detector_base")
+    if guidance == "untrained":  # read at the finetuned detector's layer
+        info = read_detector_info(run / "detector") or {}
+        return load_guidance(run / "detector_base", hidden_layer=info.get("hidden_layer", -1))
     return load_guidance(run / "detector")
 
 

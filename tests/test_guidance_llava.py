@@ -1,11 +1,13 @@
 import importlib.util
 import json
+import re
+import shutil
 
 import pytest
 import torch
 from PIL import Image
 
-from img_guidance.guidance import LlavaGuidance, load_guidance
+from img_guidance.guidance import DETECTOR_INFO, LlavaGuidance, load_guidance
 from img_guidance.guidance.llava import expand_to_square, loading_kwargs, mean_colour
 from img_guidance.guidance.prompts import (
     LLAVA_V0_SYSTEM,
@@ -119,6 +121,36 @@ def test_features_are_the_last_layer_after_the_final_norm(guidance):
     torch.testing.assert_close(out.hidden_states, base.last_hidden_state)
     norm = guidance.model.model.language_model.norm
     assert not torch.allclose(norm.weight, torch.ones_like(norm.weight))  # the norm is not a no-op
+
+
+def test_another_hidden_layer_is_read_when_named(llava_folder, guidance, tmp_path):
+    """``hidden_layer`` picks one of the language model's hidden states (0: the input embeddings, 1:
+    the first layer's output; the default -1: the last, after the norm); a bad one is refused by
+    name before any weights load; a detector folder's DETECTOR_INFO names its own; an argument wins."""
+    image = picture(28, 28, 8)
+    out = guidance.guide([image], [QUESTION])
+    inputs = guidance.processor(images=[image], text=out.texts, return_tensors="pt")
+    with torch.no_grad():
+        states = guidance.model(**inputs, output_hidden_states=True).hidden_states
+    assert len(states) == 3 and not torch.allclose(states[1], states[-1])
+    first = LlavaGuidance.from_pretrained(llava_folder, hidden_layer=1)
+    torch.testing.assert_close(first.guide([image], [QUESTION]).hidden_states, states[1])
+    assert first.describe()["hidden_layer"] == 1 and "hidden_layer" not in guidance.describe()
+
+    named = tmp_path / "detector"  # as the detector recipe (and ShapesWorld's stage) writes it
+    shutil.copytree(llava_folder, named)
+    (named / DETECTOR_INFO).write_text(json.dumps({"prompt_format": "llava_v0", "hidden_layer": 0}))
+    assert load_guidance(named).hidden_layer == 0
+    assert load_guidance(named, hidden_layer=-1).hidden_layer == -1
+
+    for weights in named.glob("*.safetensors"):  # no weights: only a check before loading can answer
+        weights.unlink()
+    for bad in (3, -4, True, 1.0):
+        with pytest.raises(ValueError, match=re.escape(f"got {bad!r}")):
+            load_guidance(named, hidden_layer=bad)
+    (named / DETECTOR_INFO).write_text(json.dumps({"prompt_format": "llava_v0", "hidden_layer": 5}))
+    with pytest.raises(ValueError, match=r"hidden_layer must name one of the 3 hidden states .* got 5"):
+        load_guidance(named)
 
 
 def test_right_padding_even_when_the_tokenizer_pads_left(guidance):

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from img_guidance.aligner import load_aligner
 from img_guidance.data.pairs import iter_pairs
-from img_guidance.guidance import load_guidance
+from img_guidance.guidance import DETECTOR_INFO, load_guidance
 from img_guidance.recipes.train_shapes import STAGES, ShapesRecipe, install, train_all
 
 
@@ -52,12 +52,16 @@ def test_every_stage_runs_and_records_its_time(run):
     assert len(pairs) == counts["pairs"] + counts["redraws"] + rendered["rows"] and counts["prompts"] == 24
     detector = load_guidance(run / "detector")
     assert detector.prompt_format == "llava_v0" and detector.hidden_size == 64
+    # the detector folder names the hidden state read as guidance, which every loader then reads
+    assert detector.hidden_layer == ShapesRecipe.quick().detector_guidance_layer == 1
+    assert report["stages"]["detector"]["result"]["guidance_layer"] == 1
     aligner = load_aligner(run / "aligner")
     assert (aligner.config.guidance_dim, aligner.config.image_dim) == (64, 64)
     assert report["stages"]["features"]["result"]["samples"] == len(pairs)
     # the report ships with the models: no path of this machine in it
     assert report["stages"]["generator"]["result"]["folder"] == "generator"
     assert str(run) not in json.dumps(report) and str(run.resolve()) not in json.dumps(report)
+    assert json.loads((run / "detector" / DETECTOR_INFO).read_text())["base_model"] == "detector_base"
     # a rerun skips every finished stage; other settings in the same folder are refused
     lines = []
     train_all(run, recipe=ShapesRecipe.quick(), log=lines.append)
@@ -190,6 +194,14 @@ def test_the_models_run_as_an_img_pipeline_and_the_judge_scores_generate(run, tm
     assert install(run, tmp_path / "weights") == dest
     assert {p.name for p in dest.iterdir()} == {"generator", "detector", "aligner", "train_all.json"}
     assert not (dest / "aligner" / "stale.txt").exists()
+    # a detector recorded with this machine's path (as before 2026-12-06) is installed without it
+    older = tmp_path / "older"
+    shutil.copytree(run, older)
+    info = json.loads((older / "detector" / DETECTOR_INFO).read_text())
+    absolute = {**info, "base_model": str(older / "detector_base")}
+    (older / "detector" / DETECTOR_INFO).write_text(json.dumps(absolute))
+    installed = json.loads((install(older, tmp_path / "w2") / "detector" / DETECTOR_INFO).read_text())
+    assert installed == info and installed["base_model"] == "detector_base"
     out = tmp_path / "out"
     args = [
         "generate",
@@ -360,3 +372,14 @@ def test_a_report_written_before_a_setting_existed_reads_it_at_what_the_code_did
     assert recorded_settings(older) == settings
     assert recorded_settings({**older, "seed": 1}) != settings
     assert recorded_settings(older) != json.loads(json.dumps(dataclasses.asdict(ShapesRecipe())))
+    # a run recorded before detector_guidance_layer existed read the last layer (-1), the paper's
+    assert ShapesRecipe().detector_guidance_layer == 1
+    settings = json.loads(json.dumps(dataclasses.asdict(ShapesRecipe(detector_guidance_layer=-1))))
+    older = {k: v for k, v in settings.items() if k != "detector_guidance_layer"}
+    assert recorded_settings(older) == settings
+
+
+def test_a_guidance_layer_the_detector_lacks_is_refused_with_the_recipe():
+    with pytest.raises(ValueError, match=r"hidden_layer must name one of the 3 hidden states .* got 3"):
+        replace(ShapesRecipe.quick(), detector_guidance_layer=3)  # the quick detector has 2 layers
+    assert replace(ShapesRecipe.quick(), detector_guidance_layer=-3).detector_guidance_layer == -3

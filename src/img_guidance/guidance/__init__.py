@@ -192,6 +192,7 @@ def load_guidance(
     device: str | torch.device | None = None,
     quantization: str | None = None,
     convert_original: bool = True,
+    hidden_layer: int | None = None,
 ) -> GuidanceModel:
     """A guidance model from a preset name, a local folder or a hub id (``owner/repo[/sub]``).
 
@@ -203,6 +204,9 @@ def load_guidance(
     torch_dtype, device, quantization (``"8bit"``/``"4bit"``): passed to the family's loader.
     convert_original: convert a checkpoint in the original LLaVA layout into the conversion cache
         (:func:`conversion_cache`) the first time it is used; when False, such a checkpoint is an error.
+    hidden_layer: the language model's hidden state read as guidance (0: the input embeddings; -1:
+        the last layer's, the paper's); None uses the one the folder's :data:`DETECTOR_INFO` names
+        (ShapesWorld's detector names its own), else -1. Checked before any weights load.
     """
     from img_guidance.presets import GUIDANCE_PRESETS
 
@@ -218,6 +222,8 @@ def load_guidance(
     info = read_detector_info(location)
     if prompt_format is None and info is not None:
         prompt_format = info.get("prompt_format")
+    if hidden_layer is None:
+        hidden_layer = (info or {}).get("hidden_layer", -1)
     config = _read_json(location, "config.json")
     if config is None:
         adapter = _read_json(location, ADAPTER_CONFIG)
@@ -231,12 +237,15 @@ def load_guidance(
             device=device,
             quantization=quantization,
             convert_original=convert_original,
+            hidden_layer=hidden_layer,
         )
     if convert_original and is_original_llava(config):
         location = _converted(location, torch_dtype)
         config = read_config(location)
     family = _family(config, location)
-    kwargs = dict(torch_dtype=torch_dtype, device=device, quantization=quantization)
+    kwargs = dict(
+        torch_dtype=torch_dtype, device=device, quantization=quantization, hidden_layer=hidden_layer
+    )
     if family == "llava":
         from img_guidance.guidance.llava import LlavaGuidance
 
@@ -255,6 +264,7 @@ def _load_adapter(
     device: Any,
     quantization: str | None,
     convert_original: bool,
+    hidden_layer: int,
 ) -> GuidanceModel:
     """A LoRA adapter folder (peft, as the detector recipe saves it unmerged): its base model
     loaded as guidance, with the adapter merged into the weights."""
@@ -280,6 +290,7 @@ def _load_adapter(
         device=device,
         quantization=quantization,
         convert_original=convert_original,
+        hidden_layer=hidden_layer,
     )
 
     path, subfolder = pretrained_location(location)

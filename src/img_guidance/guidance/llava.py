@@ -124,21 +124,48 @@ def check_batch(images: Sequence[Image], questions: Sequence[str]) -> list[Image
     return [image.convert("RGB") for image in images]
 
 
+def check_hidden_layer(hidden_layer: int, num_layers: int, location: str = "") -> int:
+    """``hidden_layer`` when it names one of a language model's ``num_layers + 1`` hidden states (0:
+    the input embeddings; -1: the last layer's, after the final norm), else a ValueError naming it."""
+    if (
+        not isinstance(hidden_layer, int)
+        or isinstance(hidden_layer, bool)
+        or not -(num_layers + 1) <= hidden_layer <= num_layers
+    ):
+        of = f" of {location}" if location else ""
+        raise ValueError(
+            f"hidden_layer must name one of the {num_layers + 1} hidden states{of} "
+            f"({-(num_layers + 1)} to {num_layers}; -1 is the last), got {hidden_layer!r}"
+        )
+    return hidden_layer
+
+
+def config_layers(config: dict[str, Any]) -> int | None:
+    """The number of language-model layers a vision-language ``config.json`` names, if it does."""
+    text = config.get("text_config") or {}
+    layers = text.get("num_hidden_layers", config.get("num_hidden_layers"))
+    return layers if isinstance(layers, int) else None
+
+
 class TransformersGuidance(GuidanceModel):
     """A transformers vision-language model read as guidance: what the LLaVA and Qwen wrappers share.
 
     Subclasses turn images and texts into model inputs (:meth:`_encode`); this class runs the
-    forward pass and returns the last hidden layer with its mask, and manages devices and offload.
+    forward pass and returns one hidden layer (``hidden_layer``; the paper's: -1, the last) with its
+    mask, and manages devices and offload.
     """
 
     family: str = ""
 
-    def __init__(self, *, model: Any, location: str, prompt_format: str):
+    def __init__(self, *, model: Any, location: str, prompt_format: str, hidden_layer: int = -1):
         import torch
 
         self.model = model.eval()
         self.location = location
         self.prompt_format = check_format(prompt_format)
+        self.hidden_layer = check_hidden_layer(
+            hidden_layer, int(model.config.text_config.num_hidden_layers), location
+        )
         self.hidden_size = int(model.config.text_config.hidden_size)
         self._quantized = getattr(model.config, "quantization_config", None) is not None
         self._offload = "none"
@@ -224,7 +251,8 @@ class TransformersGuidance(GuidanceModel):
         return self._encode(check_batch(images, texts), texts, padding_side)
 
     def guide(self, images: Sequence[Image], questions: Sequence[str]) -> GuidanceOutput:
-        """Last-layer hidden states of each image with its (already filled) question.
+        """Hidden states (layer :attr:`hidden_layer`, by default the last) of each image with its
+        (already filled) question.
 
         Returns hidden_states [B, L, hidden_size] in the model's dtype on :attr:`device`
         (right-padded to the longest sample; padded rows are zero), attention_mask [B, L] bool,
@@ -242,7 +270,8 @@ class TransformersGuidance(GuidanceModel):
         with torch.no_grad(), self._on_device():
             # logits_to_keep=1: the logits are not used, so skip the [B, L, vocab] projection.
             output = self.model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
-        hidden = output.hidden_states[-1]  # after the final norm: [B, L, hidden_size]
+        # -1: the last layer's, after the final norm; 0: the input embeddings. [B, L, hidden_size]
+        hidden = output.hidden_states[self.hidden_layer]
         mask = inputs["attention_mask"].to(torch.bool)
         hidden = hidden.masked_fill(~mask[..., None], 0)
         return GuidanceOutput(hidden_states=hidden, attention_mask=mask, texts=texts)
@@ -277,8 +306,12 @@ class TransformersGuidance(GuidanceModel):
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         return [clean_answer(self.prompt_format, text) for text in texts]
 
-    def describe(self) -> dict[str, str]:
-        return {"family": self.family, "model": self.location, "prompt_format": self.prompt_format}
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"family": self.family, "model": self.location}
+        info["prompt_format"] = self.prompt_format
+        if self.hidden_layer != -1:  # the default stays unnamed: caches made before it existed still match
+            info["hidden_layer"] = self.hidden_layer
+        return info
 
 
 class LlavaGuidance(TransformersGuidance):
@@ -290,8 +323,18 @@ class LlavaGuidance(TransformersGuidance):
 
     family = "llava"
 
-    def __init__(self, *, model: Any, processor: Any, location: str = "", prompt_format: str = "llava_v0"):
-        super().__init__(model=model, location=location, prompt_format=prompt_format)
+    def __init__(
+        self,
+        *,
+        model: Any,
+        processor: Any,
+        location: str = "",
+        prompt_format: str = "llava_v0",
+        hidden_layer: int = -1,
+    ):
+        super().__init__(
+            model=model, location=location, prompt_format=prompt_format, hidden_layer=hidden_layer
+        )
         self.processor = processor
         self._complete_processor()
         self.pad_colour = mean_colour(processor.image_processor.image_mean)
@@ -314,24 +357,32 @@ class LlavaGuidance(TransformersGuidance):
         torch_dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         quantization: str | None = None,
+        hidden_layer: int = -1,
     ) -> LlavaGuidance:
         """Load a transformers LLaVA folder: a local folder, ``owner/repo`` or ``owner/repo/sub``.
 
         torch_dtype: None keeps transformers' default; quantization: ``"8bit"``/``"4bit"``
-        (bitsandbytes, GPU only); device: where the model runs (None: the CPU).
+        (bitsandbytes, GPU only); device: where the model runs (None: the CPU); hidden_layer: the
+        hidden state read as guidance (-1, the paper's: the last layer's; checked before loading).
         """
-        from transformers import LlavaForConditionalGeneration, LlavaProcessor
+        from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
         check_format(prompt_format)
         kwargs = loading_kwargs(torch_dtype=torch_dtype, device=device, quantization=quantization)
         path, subfolder = pretrained_location(location)
         where = {"subfolder": subfolder} if subfolder else {}
+        config = LlavaConfig.from_pretrained(path, **where)
+        check_hidden_layer(hidden_layer, config.text_config.num_hidden_layers, os.fspath(location))
         processor = LlavaProcessor.from_pretrained(path, **where)
-        model = LlavaForConditionalGeneration.from_pretrained(path, **where, **kwargs)
+        model = LlavaForConditionalGeneration.from_pretrained(path, config=config, **where, **kwargs)
         if quantization is None and device is not None:
             model.to(device)
         return cls(
-            model=model, processor=processor, location=os.fspath(location), prompt_format=prompt_format
+            model=model,
+            processor=processor,
+            location=os.fspath(location),
+            prompt_format=prompt_format,
+            hidden_layer=hidden_layer,
         )
 
     def _encode(self, images: list[Image], texts: Sequence[str], padding_side: str) -> dict[str, Any]:

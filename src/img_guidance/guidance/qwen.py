@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from img_guidance.guidance.llava import TransformersGuidance, loading_kwargs
+from img_guidance.guidance.llava import TransformersGuidance, check_hidden_layer, loading_kwargs
 from img_guidance.guidance.prompts import check_format
 from img_guidance.hub import pretrained_location
 
@@ -128,13 +128,16 @@ class QwenGuidance(TransformersGuidance):
         processor: QwenImageTextProcessor,
         location: str = "",
         prompt_format: str = "chat",
+        hidden_layer: int = -1,
     ):
         if check_format(prompt_format) != "chat":
             raise ValueError(f"Qwen-VL models are read with the 'chat' prompt format, got {prompt_format!r}")
         model_type = model.config.model_type
         if model_type not in QWEN_FAMILIES:
             raise ValueError(f"expected a Qwen2-VL or Qwen2.5-VL model, got model type {model_type!r}")
-        super().__init__(model=model, location=location, prompt_format=prompt_format)
+        super().__init__(
+            model=model, location=location, prompt_format=prompt_format, hidden_layer=hidden_layer
+        )
         self.family = model_type
         self.processor = processor
 
@@ -147,11 +150,13 @@ class QwenGuidance(TransformersGuidance):
         torch_dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
         quantization: str | None = None,
+        hidden_layer: int = -1,
     ) -> QwenGuidance:
         """Load a Qwen2-VL or Qwen2.5-VL folder: a local folder, ``owner/repo`` or ``owner/repo/sub``.
 
         torch_dtype: None keeps transformers' default; quantization: ``"8bit"``/``"4bit"``
-        (bitsandbytes, GPU only); device: where the model runs (None: the CPU).
+        (bitsandbytes, GPU only); device: where the model runs (None: the CPU); hidden_layer: the
+        hidden state read as guidance (-1: the last layer's; checked before loading).
         """
         from transformers import (
             AutoConfig,
@@ -164,7 +169,10 @@ class QwenGuidance(TransformersGuidance):
         kwargs = loading_kwargs(torch_dtype=torch_dtype, device=device, quantization=quantization)
         path, subfolder = pretrained_location(location)
         where = {"subfolder": subfolder} if subfolder else {}
-        model_type = AutoConfig.from_pretrained(path, **where).model_type
+        config = AutoConfig.from_pretrained(path, **where)
+        model_type = config.model_type
+        text = getattr(config, "text_config", None) or config
+        check_hidden_layer(hidden_layer, text.num_hidden_layers, os.fspath(location))
         classes = {
             "qwen2_vl": Qwen2VLForConditionalGeneration,
             "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
@@ -178,7 +186,11 @@ class QwenGuidance(TransformersGuidance):
         if quantization is None and device is not None:
             model.to(device)
         return cls(
-            model=model, processor=processor, location=os.fspath(location), prompt_format=prompt_format
+            model=model,
+            processor=processor,
+            location=os.fspath(location),
+            prompt_format=prompt_format,
+            hidden_layer=hidden_layer,
         )
 
     def _encode(self, images: list[Image], texts: Sequence[str], padding_side: str) -> dict[str, Any]:

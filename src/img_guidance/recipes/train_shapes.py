@@ -7,7 +7,8 @@
 2. ``detector``: the world's tiny LLaVA (:func:`~img_guidance.shapes.detector.make_detector_base`,
    ``OUT/detector_base``, kept for the untrained-detector ablation), finetuned by the detector recipe
    (:func:`~img_guidance.recipes.finetune_detector.finetune`) on triplets the world writes in the
-   InstructPix2Pix schema (``OUT/data/triplets.parquet``) -> ``OUT/detector``.
+   InstructPix2Pix schema (``OUT/data/triplets.parquet``) -> ``OUT/detector``, whose
+   ``img_guidance_detector.json`` names the hidden state read as guidance (``detector_guidance_layer``).
 3. ``pairs``: ``pair_generations`` generations per training prompt, judged, in the Pick-a-Pic
    schema (``OUT/data/pairs.parquet``). ``pair_method="correction"`` (the default): every image not
    judged right against the render of its nearest correct scene, its mistakes fixed and the rest kept
@@ -78,6 +79,11 @@ class ShapesRecipe:
     detector_batch: int = 24
     detector_lr: float = 2e-3
     detector_val_rows: int = 200
+    # the detector's hidden state read as guidance (recorded in OUT/detector, where every loader reads
+    # it): 1, the output of the first of its 3 layers, chosen on validation (2026-12-06); the paper's
+    # -1 (the last layer, after the final norm; the default until then) is this small model's
+    # answer head and guides worse (docs/shapesworld.md)
+    detector_guidance_layer: int = 1
     # pairs (stage 3)
     pair_prompts: int = 2000
     pair_generations: int = 4  # images per prompt
@@ -103,8 +109,11 @@ class ShapesRecipe:
     aligner_terms: tuple[str, ...] = ("dpo", "spin")
 
     def __post_init__(self) -> None:
+        from img_guidance.guidance.llava import check_hidden_layer
+
         if self.pair_method not in PAIR_METHODS:
             raise ValueError(f"pair_method must be one of {PAIR_METHODS}, got {self.pair_method!r}")
+        check_hidden_layer(self.detector_guidance_layer, self.detector_layers, "the world's detector")
 
     @classmethod
     def quick(cls, seed: int = 0) -> ShapesRecipe:
@@ -289,6 +298,7 @@ def stage_ip_scale(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) 
 
 
 def stage_detector(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -> dict[str, Any]:
+    from img_guidance.guidance import DETECTOR_INFO
     from img_guidance.recipes.finetune_detector import FinetuneConfig, finetune
     from img_guidance.shapes.data import make_triplets, write_triplets
     from img_guidance.shapes.detector import make_detector_base
@@ -327,10 +337,15 @@ def stage_detector(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) 
         report_to=["tensorboard"],
     )
     summary = finetune(cfg)
-    _publish(Path(summary["final_dir"]), out / "detector")
+    final = Path(summary["final_dir"])
+    info = json.loads((final / DETECTOR_INFO).read_text())
+    info["hidden_layer"] = recipe.detector_guidance_layer  # what load_guidance reads as guidance
+    write_json_atomic(final / DETECTOR_INFO, _relative(info, out))  # no path of this machine
+    _publish(final, out / "detector")
     evaluation = summary["evaluations"][-1] if summary["evaluations"] else {}
     return {
         "steps": summary["step"],
+        "guidance_layer": recipe.detector_guidance_layer,
         "held_out": {k: v for k, v in evaluation.items() if k.startswith("val/") or k == "samples"},
         "examples": evaluation.get("examples", []),
     }
@@ -566,7 +581,7 @@ def train_all(
 
 # Settings added to the recipe after runs were recorded, at the value that is what the code did
 # before the setting existed (no rows from renders), whatever their default is now.
-SETTINGS_BEFORE_THEY_EXISTED = {"pair_renders": 0}
+SETTINGS_BEFORE_THEY_EXISTED = {"pair_renders": 0, "detector_guidance_layer": -1}
 
 
 def recorded_settings(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -592,15 +607,21 @@ def _relative(value: Any, out: Path) -> Any:
 
 def install(out: str | os.PathLike, dest: str | os.PathLike = WEIGHTS) -> Path:
     """Copy the generator, detector and aligner of a finished ``train_all`` folder into ``dest``
-    (default: the package's weights, which the demo and presets load), with the run's report."""
+    (default: the package's weights, which the demo and presets load), with the run's report; paths
+    inside ``out`` in the report and the detector's record are written relative to it."""
     out, dest = Path(out), Path(dest)
     missing = [name for name in MODELS if not _done(out / name)]
     report = json.loads((out / "train_all.json").read_text()) if (out / "train_all.json").is_file() else {}
     missing += [name for name in STAGES if name not in report.get("stages", {}) and name not in missing]
     if missing:
         raise FileNotFoundError(f"{out} has no finished {', '.join(missing)}: run train-all first")
+    from img_guidance.guidance import DETECTOR_INFO
+
     dest.mkdir(parents=True, exist_ok=True)
     for name in MODELS:
         _publish(out / name, dest / name)
+    info = dest / "detector" / DETECTOR_INFO  # written with this machine's paths before 2026-12-06
+    if info.is_file():
+        write_json_atomic(info, _relative(json.loads(info.read_text()), out))
     write_json_atomic(dest / "train_all.json", _relative(report, out))
     return dest
