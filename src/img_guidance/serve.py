@@ -71,7 +71,7 @@ def build_app(pipe: IMGPipeline, *, title: str = "IMG: Implicit Multimodal Guida
             seed = gr.Number(label="Seed", value=0, precision=0)
             rounds = gr.Slider(1, 3, value=1, step=1, label="Rounds")
             passes = gr.Slider(0, 5, value=3, step=1, label="Aligner passes")
-            default_scale = pipe.backend.defaults.ip_scale  # ShapesWorld's, chosen on validation, is 1.5
+            default_scale = pipe.backend.defaults.ip_scale  # a scale chosen on validation may exceed 1
             ip_scale = gr.Slider(
                 0.0, max(2.0, default_scale), value=default_scale, step=0.05, label="IP scale"
             )

@@ -140,13 +140,6 @@ def check_hidden_layer(hidden_layer: int, num_layers: int, location: str = "") -
     return hidden_layer
 
 
-def config_layers(config: dict[str, Any]) -> int | None:
-    """The number of language-model layers a vision-language ``config.json`` names, if it does."""
-    text = config.get("text_config") or {}
-    layers = text.get("num_hidden_layers", config.get("num_hidden_layers"))
-    return layers if isinstance(layers, int) else None
-
-
 class TransformersGuidance(GuidanceModel):
     """A transformers vision-language model read as guidance: what the LLaVA and Qwen wrappers share.
 
@@ -307,8 +300,11 @@ class TransformersGuidance(GuidanceModel):
         return [clean_answer(self.prompt_format, text) for text in texts]
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"family": self.family, "model": self.location}
-        info["prompt_format"] = self.prompt_format
+        info: dict[str, Any] = {
+            "family": self.family,
+            "model": self.location,
+            "prompt_format": self.prompt_format,
+        }
         if self.hidden_layer != -1:  # the default stays unnamed: caches made before it existed still match
             info["hidden_layer"] = self.hidden_layer
         return info
@@ -371,10 +367,10 @@ class LlavaGuidance(TransformersGuidance):
         kwargs = loading_kwargs(torch_dtype=torch_dtype, device=device, quantization=quantization)
         path, subfolder = pretrained_location(location)
         where = {"subfolder": subfolder} if subfolder else {}
-        config = LlavaConfig.from_pretrained(path, **where)
-        check_hidden_layer(hidden_layer, config.text_config.num_hidden_layers, os.fspath(location))
+        layers = LlavaConfig.from_pretrained(path, **where).text_config.num_hidden_layers
+        check_hidden_layer(hidden_layer, layers, os.fspath(location))
         processor = LlavaProcessor.from_pretrained(path, **where)
-        model = LlavaForConditionalGeneration.from_pretrained(path, config=config, **where, **kwargs)
+        model = LlavaForConditionalGeneration.from_pretrained(path, **where, **kwargs)
         if quantization is None and device is not None:
             model.to(device)
         return cls(

@@ -609,14 +609,14 @@ def install(out: str | os.PathLike, dest: str | os.PathLike = WEIGHTS) -> Path:
     """Copy the generator, detector and aligner of a finished ``train_all`` folder into ``dest``
     (default: the package's weights, which the demo and presets load), with the run's report; paths
     inside ``out`` in the report and the detector's record are written relative to it."""
+    from img_guidance.guidance import DETECTOR_INFO
+
     out, dest = Path(out), Path(dest)
     missing = [name for name in MODELS if not _done(out / name)]
     report = json.loads((out / "train_all.json").read_text()) if (out / "train_all.json").is_file() else {}
     missing += [name for name in STAGES if name not in report.get("stages", {}) and name not in missing]
     if missing:
         raise FileNotFoundError(f"{out} has no finished {', '.join(missing)}: run train-all first")
-    from img_guidance.guidance import DETECTOR_INFO
-
     dest.mkdir(parents=True, exist_ok=True)
     for name in MODELS:
         _publish(out / name, dest / name)
