@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from img_guidance.aligner import load_aligner
 from img_guidance.data.pairs import iter_pairs
 from img_guidance.guidance import DETECTOR_INFO, load_guidance
+from img_guidance.guidance.standardize import STATS_FILE
 from img_guidance.recipes.train_shapes import STAGES, ShapesRecipe, install, train_all
 
 
@@ -54,7 +55,11 @@ def test_every_stage_runs_and_records_its_time(run):
     assert detector.prompt_format == "llava_v0" and detector.hidden_size == 64
     # the detector folder names the hidden state read as guidance, which every loader then reads
     assert detector.hidden_layer == ShapesRecipe.quick().detector_guidance_layer == 1
-    assert report["stages"]["detector"]["result"]["guidance_layer"] == 1
+    assert report["stages"]["features"]["result"]["guidance_layer"] == 1
+    # ... and no per-dimension statistics (detector_guidance_standardize is off by default)
+    assert report["stages"]["features"]["result"]["guidance_standardized"] is False
+    assert "standardize" not in json.loads((run / "detector" / DETECTOR_INFO).read_text())
+    assert detector.standardize is None and not (run / "detector" / STATS_FILE).exists()
     aligner = load_aligner(run / "aligner")
     assert (aligner.config.guidance_dim, aligner.config.image_dim) == (64, 64)
     assert report["stages"]["features"]["result"]["samples"] == len(pairs)
@@ -71,7 +76,7 @@ def test_every_stage_runs_and_records_its_time(run):
 
 
 def test_reuse_reruns_only_the_stages_a_changed_setting_reaches(run, tmp_path):
-    from img_guidance.recipes.train_shapes import stage_settings
+    from img_guidance.recipes.train_shapes import set_detector_guidance, stage_settings
 
     settings = json.loads(json.dumps(asdict(ShapesRecipe())))
     assert set(stage_settings("aligner", settings)) >= {"aligner_lr", "detector_hidden", "pair_renders"}
@@ -82,6 +87,9 @@ def test_reuse_reruns_only_the_stages_a_changed_setting_reaches(run, tmp_path):
         - {k for k in settings if k.startswith("generator_")}
     )
     assert set().union(*(stage_settings(name, settings) for name in STAGES)) == set(settings)
+    # the guidance layer is read by the features stage, not by the detector's finetuning
+    assert "detector_guidance_layer" not in stage_settings("detector", settings)
+    assert "detector_guidance_layer" in stage_settings("features", settings)
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     # an ablation aligner of shapes_eval, made with the old settings
@@ -106,6 +114,30 @@ def test_reuse_reruns_only_the_stages_a_changed_setting_reaches(run, tmp_path):
         "ip_scales": list(recipe.ip_scales),
         "aligner_terms": list(recipe.aligner_terms),
     }
+
+    # how the guidance is read (layer, standardization): the detector is kept, the features,
+    # aligner and IP scale run again
+    detector_run = json.loads((copy / "train_all.json").read_text())["stages"]["detector"]
+    lines = []
+    layer_0 = replace(recipe, detector_guidance_layer=0, detector_guidance_standardize=True)
+    again = train_all(copy, recipe=layer_0, reuse=True, log=lines.append)["stages"]
+    assert [line for line in lines if line.endswith("skipped")] == [
+        f"[{name}] done before ({again[name]['seconds']:.0f} s), skipped"
+        for name in ("generator", "detector", "pairs")
+    ]
+    assert "[features] other settings (detector_guidance_layer, detector_guidance_standardize)" in lines
+    assert again["detector"] == detector_run and again["features"]["result"]["guidance_layer"] == 0
+    # the statistics, measured by the features stage on training renders, are in the detector folder
+    assert json.loads((copy / "detector" / DETECTOR_INFO).read_text())["standardize"] == STATS_FILE
+    detector = load_guidance(copy / "detector")
+    assert detector.hidden_layer == 0 and detector.standardize["std"].shape == (32,)
+    assert again["features"]["result"]["guidance_standardized"] is True
+    # and turned off again, the record and the folder lose them
+    plain = set_detector_guidance(
+        copy / "detector", replace(layer_0, detector_guidance_standardize=False), print
+    )
+    assert plain.standardize is None and not (copy / "detector" / STATS_FILE).exists()
+    assert "standardize" not in json.loads((copy / "detector" / DETECTOR_INFO).read_text())
 
     # a run whose report lacks a stage is not installed, though its folders are all there
     report = json.loads((copy / "train_all.json").read_text())

@@ -207,6 +207,9 @@ def load_guidance(
     hidden_layer: the language model's hidden state read as guidance (0: the input embeddings; -1:
         the last layer's, the paper's); None uses the one the folder's :data:`DETECTOR_INFO` names
         (ShapesWorld's detector names its own), else -1. Checked before any weights load.
+
+    A :data:`DETECTOR_INFO` naming ``standardize`` (a file of the folder) gives the model those
+    per-dimension statistics (:mod:`img_guidance.guidance.standardize`).
     """
     from img_guidance.presets import GUIDANCE_PRESETS
 
@@ -217,13 +220,65 @@ def load_guidance(
         prompt_format = prompt_format or preset.prompt_format
     else:
         location = name
-    from img_guidance.guidance.llava_conversion import is_original_llava
-
     info = read_detector_info(location)
     if prompt_format is None and info is not None:
         prompt_format = info.get("prompt_format")
     if hidden_layer is None:
         hidden_layer = (info or {}).get("hidden_layer", -1)
+    stats_path = _standardization_file(location, info)
+    guidance = _load(
+        location,
+        prompt_format=prompt_format,
+        torch_dtype=torch_dtype,
+        device=device,
+        quantization=quantization,
+        convert_original=convert_original,
+        hidden_layer=hidden_layer,
+    )
+    if stats_path is not None:
+        from img_guidance.guidance.standardize import check_standardization, load_standardization
+
+        stats = load_standardization(stats_path)
+        check_standardization(stats, guidance.hidden_size, stats_path)
+        guidance.standardize = stats
+    return guidance
+
+
+def _standardization_file(location: str, info: dict[str, Any] | None) -> str | None:
+    """The statistics file a detector record names (``standardize``), checked to exist before any
+    weights load; None when it names none."""
+    from img_guidance.hub import hub_file, is_local, split_hub_path
+
+    name = (info or {}).get("standardize")
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise ValueError(
+            f"{location}/{DETECTOR_INFO}: standardize must name a file of the folder, got {name!r}"
+        )
+    if is_local(location):
+        path = os.path.join(os.fspath(location), name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{location}/{DETECTOR_INFO} names standardize {name!r}, which is missing"
+            )
+        return path
+    repo_id, subfolder = split_hub_path(location)
+    return hub_file(f"{repo_id}/{subfolder}/{name}" if subfolder else f"{repo_id}/{name}")
+
+
+def _load(
+    location: str,
+    *,
+    prompt_format: str | None,
+    torch_dtype: Any,
+    device: Any,
+    quantization: str | None,
+    convert_original: bool,
+    hidden_layer: int,
+) -> GuidanceModel:
+    from img_guidance.guidance.llava_conversion import is_original_llava
+
     config = _read_json(location, "config.json")
     if config is None:
         adapter = _read_json(location, ADAPTER_CONFIG)

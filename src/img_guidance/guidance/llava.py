@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from img_guidance.guidance.base import GuidanceModel, GuidanceOutput
 from img_guidance.guidance.prompts import build_example, build_prompt, check_format
+from img_guidance.guidance.standardize import apply_standardization, fingerprint
 from img_guidance.hub import pretrained_location
 from img_guidance.offload import OffloadMode, check_offload
 from img_guidance.precision import DTYPE_NAMES
@@ -160,6 +161,8 @@ class TransformersGuidance(GuidanceModel):
             hidden_layer, int(model.config.text_config.num_hidden_layers), location
         )
         self.hidden_size = int(model.config.text_config.hidden_size)
+        # per-dimension mean and std applied to the hidden states (guidance.standardize); None: as read
+        self.standardize: dict[str, torch.Tensor] | None = None
         self._quantized = getattr(model.config, "quantization_config", None) is not None
         self._offload = "none"
         self._device = torch.device(next(model.parameters()).device)
@@ -265,6 +268,8 @@ class TransformersGuidance(GuidanceModel):
             output = self.model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
         # -1: the last layer's, after the final norm; 0: the input embeddings. [B, L, hidden_size]
         hidden = output.hidden_states[self.hidden_layer]
+        if self.standardize is not None:
+            hidden = apply_standardization(hidden, self.standardize)
         mask = inputs["attention_mask"].to(torch.bool)
         hidden = hidden.masked_fill(~mask[..., None], 0)
         return GuidanceOutput(hidden_states=hidden, attention_mask=mask, texts=texts)
@@ -307,6 +312,8 @@ class TransformersGuidance(GuidanceModel):
         }
         if self.hidden_layer != -1:  # the default stays unnamed: caches made before it existed still match
             info["hidden_layer"] = self.hidden_layer
+        if self.standardize is not None:
+            info["standardize"] = fingerprint(self.standardize)
         return info
 
 

@@ -7,8 +7,7 @@
 2. ``detector``: the world's tiny LLaVA (:func:`~img_guidance.shapes.detector.make_detector_base`,
    ``OUT/detector_base``, kept for the untrained-detector ablation), finetuned by the detector recipe
    (:func:`~img_guidance.recipes.finetune_detector.finetune`) on triplets the world writes in the
-   InstructPix2Pix schema (``OUT/data/triplets.parquet``) -> ``OUT/detector``, whose
-   ``img_guidance_detector.json`` names the hidden state read as guidance (``detector_guidance_layer``).
+   InstructPix2Pix schema (``OUT/data/triplets.parquet``) -> ``OUT/detector``.
 3. ``pairs``: ``pair_generations`` generations per training prompt, judged, in the Pick-a-Pic
    schema (``OUT/data/pairs.parquet``). ``pair_method="correction"`` (the default): every image not
    judged right against the render of its nearest correct scene, its mistakes fixed and the rest kept
@@ -19,7 +18,11 @@
    generator (:func:`~img_guidance.shapes.data.make_render_pairs`): a degraded render of a training
    prompt or of a near miss of it, against its nearest correct render.
 4. ``features``: the project's feature stage (:func:`~img_guidance.features.extract.extract_features`)
-   with the generator's image tokens and the detector's guidance -> ``OUT/features``.
+   with the generator's image tokens and the detector's guidance -> ``OUT/features``. It first
+   names, in ``OUT/detector/img_guidance_detector.json``, how the guidance is read (every loader
+   reads it there): the hidden state (``detector_guidance_layer``) and, with
+   ``detector_guidance_standardize``, per-dimension statistics (:func:`set_detector_guidance`).
+   Changing either reruns this stage and the ones after it, not the detector's finetuning.
 5. ``aligner``: the aligner recipe (:func:`~img_guidance.recipes.train_aligner.train`) on that cache
    -> ``OUT/aligner``.
 6. ``ip_scale``: the IP scale of IMG's re-generation, chosen on the validation split by
@@ -51,6 +54,8 @@ WEIGHTS = SHAPES_WEIGHTS  # the package's ShapesWorld models, where the demo and
 MODELS = ("generator", "detector", "aligner")
 STAGES = ("generator", "detector", "pairs", "features", "aligner", "ip_scale")
 PAIR_SEED_OFFSET = 1_000_000  # pair generations use seeds no benchmark uses
+STANDARDIZE_RENDERS = 1024  # renders of training prompts that measure the guidance's statistics
+STANDARDIZE_SEED_OFFSET = 700_000  # their render seeds, used nowhere else
 PAIR_METHODS = ("correction", "best-worst")
 
 
@@ -84,6 +89,11 @@ class ShapesRecipe:
     # -1 (the last layer, after the final norm; the default until then) is this small model's
     # answer head and guides worse (docs/shapesworld.md)
     detector_guidance_layer: int = 1
+    # the guidance standardized per dimension (guidance.standardize) with the mean and std of the
+    # detector's hidden states on STANDARDIZE_RENDERS renders of training prompts, written into
+    # OUT/detector by the features stage; off: on validation IMG got 0.347 at best with it (IP 0.5)
+    # against 0.366 without (IP 1.5) (2026-12-06, docs/shapesworld.md)
+    detector_guidance_standardize: bool = False
     # pairs (stage 3)
     pair_prompts: int = 2000
     pair_generations: int = 4  # images per prompt
@@ -114,6 +124,11 @@ class ShapesRecipe:
         if self.pair_method not in PAIR_METHODS:
             raise ValueError(f"pair_method must be one of {PAIR_METHODS}, got {self.pair_method!r}")
         check_hidden_layer(self.detector_guidance_layer, self.detector_layers, "the world's detector")
+        if not isinstance(self.detector_guidance_standardize, bool):
+            raise ValueError(
+                "detector_guidance_standardize must be True or False, got "
+                f"{self.detector_guidance_standardize!r}"
+            )
 
     @classmethod
     def quick(cls, seed: int = 0) -> ShapesRecipe:
@@ -339,13 +354,11 @@ def stage_detector(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) 
     summary = finetune(cfg)
     final = Path(summary["final_dir"])
     info = json.loads((final / DETECTOR_INFO).read_text())
-    info["hidden_layer"] = recipe.detector_guidance_layer  # what load_guidance reads as guidance
     write_json_atomic(final / DETECTOR_INFO, _relative(info, out))  # no path of this machine
     _publish(final, out / "detector")
     evaluation = summary["evaluations"][-1] if summary["evaluations"] else {}
     return {
         "steps": summary["step"],
-        "guidance_layer": recipe.detector_guidance_layer,
         "held_out": {k: v for k, v in evaluation.items() if k.startswith("val/") or k == "samples"},
         "examples": evaluation.get("examples", []),
     }
@@ -403,20 +416,63 @@ def render_pairs(recipe: ShapesRecipe, log: Callable[[str], None]) -> tuple[list
 def stage_features(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -> dict[str, Any]:
     from img_guidance.backends.shapes import ShapesBackend
     from img_guidance.features.extract import extract_features
-    from img_guidance.guidance import load_guidance
 
     shutil.rmtree(out / "features", ignore_errors=True)
+    guidance = set_detector_guidance(out / "detector", recipe, log)
     manifest = extract_features(
         out / "data" / "pairs.parquet",
         out / "features",
         image_encoder=ShapesBackend.from_pretrained(out / "generator"),
-        guidance=load_guidance(out / "detector"),
+        guidance=guidance,
         seed=recipe.seed,
         batch_size=64,
         dtype="float16",
         progress=False,
     )
-    return {"samples": manifest.get("samples"), "dims": manifest.get("dims")}
+    return {
+        "samples": manifest.get("samples"),
+        "dims": manifest.get("dims"),
+        "guidance_layer": recipe.detector_guidance_layer,
+        "guidance_standardized": recipe.detector_guidance_standardize,
+    }
+
+
+def set_detector_guidance(detector: Path, recipe: ShapesRecipe, log: Callable[[str], None]):
+    """Record in the detector folder how its guidance is read (every loader reads it there): the
+    hidden layer and, with ``detector_guidance_standardize``, per-dimension statistics measured on
+    :data:`STANDARDIZE_RENDERS` renders of training prompts. Returns the detector, loaded so."""
+    import random
+
+    from img_guidance.guidance import DETECTOR_INFO, load_guidance
+    from img_guidance.guidance.questions import choose_question, fill
+    from img_guidance.guidance.standardize import STATS_FILE, fit_standardization, save_standardization
+    from img_guidance.shapes.grammar import describe
+    from img_guidance.shapes.render import render
+
+    record = detector / DETECTOR_INFO
+    info = json.loads(record.read_text())
+    info["hidden_layer"] = recipe.detector_guidance_layer
+    info.pop("standardize", None)
+    write_json_atomic(record, info)
+    (detector / STATS_FILE).unlink(missing_ok=True)
+    guidance = load_guidance(detector)
+    if not recipe.detector_guidance_standardize:
+        return guidance
+    rng = random.Random(recipe.seed)
+    scenes = training_scenes(recipe.seed)
+    picked = [rng.choice(scenes) for _ in range(STANDARDIZE_RENDERS)]
+    first = STANDARDIZE_SEED_OFFSET + recipe.seed * STANDARDIZE_RENDERS
+    images = [render(scene, seed=first + i) for i, scene in enumerate(picked)]
+    questions = [fill(choose_question(first + i), describe(scene)) for i, scene in enumerate(picked)]
+    stats = fit_standardization(guidance, images, questions)
+    save_standardization(stats, detector / STATS_FILE)
+    write_json_atomic(record, {**info, "standardize": STATS_FILE})
+    guidance.standardize = stats
+    log(
+        f"features: the detector's guidance standardized (std of its {stats['std'].numel()} dimensions "
+        f"{stats['std'].min():.3g} to {stats['std'].max():.3g}, on {len(images)} training renders)"
+    )
+    return guidance
 
 
 def stage_aligner(out: Path, recipe: ShapesRecipe, log: Callable[[str], None]) -> dict[str, Any]:
@@ -472,14 +528,16 @@ def train_aligner_on(
     return train(cfg)
 
 
-# The recipe settings each stage reads itself, and the stages whose outputs it reads: a stage's
-# settings (stage_settings) are its own and every upstream stage's, so a changed setting reruns the
-# stage that reads it and every stage after it that depends on it, and nothing else.
+# The recipe settings each stage reads itself (names or prefixes; a setting is the stage's whose
+# matching entry is the longest: detector_guidance_layer is the features stage's, not the detector's),
+# and the stages whose outputs it reads: a stage's settings (stage_settings) are its own and every
+# upstream stage's, so a changed setting reruns the stage that reads it and every stage after it that
+# depends on it, and nothing else.
 STAGE_OWN_SETTINGS = {
     "generator": ("seed", "generator_"),
     "detector": ("seed", "triplets", "detector_"),
     "pairs": ("seed", "pair_"),
-    "features": ("seed",),
+    "features": ("seed", "detector_guidance_layer", "detector_guidance_standardize"),
     "aligner": ("seed", "aligner_"),
     "ip_scale": ("seed", "ip_scale"),
 }
@@ -508,8 +566,18 @@ def stage_settings(name: str, settings: dict[str, Any]) -> dict[str, Any]:
         if stage not in stages:
             stages.add(stage)
             pending += STAGE_INPUTS[stage]
-    prefixes = tuple(prefix for stage in stages for prefix in STAGE_OWN_SETTINGS[stage])
-    return {key: value for key, value in settings.items() if key.startswith(prefixes)}
+    return {key: value for key, value in settings.items() if setting_owners(key) & stages}
+
+
+def setting_owners(key: str) -> set[str]:
+    """The stages that read recipe setting ``key`` themselves: those whose longest entry in
+    :data:`STAGE_OWN_SETTINGS` matching it is the longest of all (``seed``: every stage)."""
+    longest = {
+        stage: max((len(entry) for entry in entries if key.startswith(entry)), default=0)
+        for stage, entries in STAGE_OWN_SETTINGS.items()
+    }
+    best = max(longest.values())
+    return {stage for stage, length in longest.items() if length == best > 0}
 
 
 STAGE_FUNCTIONS = {
@@ -581,7 +649,11 @@ def train_all(
 
 # Settings added to the recipe after runs were recorded, at the value that is what the code did
 # before the setting existed (no rows from renders), whatever their default is now.
-SETTINGS_BEFORE_THEY_EXISTED = {"pair_renders": 0, "detector_guidance_layer": -1}
+SETTINGS_BEFORE_THEY_EXISTED = {
+    "pair_renders": 0,
+    "detector_guidance_layer": -1,
+    "detector_guidance_standardize": False,
+}
 
 
 def recorded_settings(recipe: dict[str, Any]) -> dict[str, Any]:
