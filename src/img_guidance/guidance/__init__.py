@@ -226,15 +226,14 @@ def load_guidance(
     if hidden_layer is None:
         hidden_layer = (info or {}).get("hidden_layer", -1)
     stats_path = _standardization_file(location, info)
-    guidance = _load(
-        location,
-        prompt_format=prompt_format,
+    options = dict(
         torch_dtype=torch_dtype,
         device=device,
         quantization=quantization,
         convert_original=convert_original,
         hidden_layer=hidden_layer,
     )
+    guidance = _load(location, prompt_format, options)
     if stats_path is not None:
         from img_guidance.guidance.standardize import check_standardization, load_standardization
 
@@ -267,16 +266,8 @@ def _standardization_file(location: str, info: dict[str, Any] | None) -> str | N
     return hub_file(f"{repo_id}/{subfolder}/{name}" if subfolder else f"{repo_id}/{name}")
 
 
-def _load(
-    location: str,
-    *,
-    prompt_format: str | None,
-    torch_dtype: Any,
-    device: Any,
-    quantization: str | None,
-    convert_original: bool,
-    hidden_layer: int,
-) -> GuidanceModel:
+def _load(location: str, prompt_format: str | None, options: dict[str, Any]) -> GuidanceModel:
+    """The model of a folder or hub id; ``options``: :func:`load_guidance`'s loading arguments."""
     from img_guidance.guidance.llava_conversion import is_original_llava
 
     config = _read_json(location, "config.json")
@@ -284,23 +275,12 @@ def _load(
         adapter = _read_json(location, ADAPTER_CONFIG)
         if adapter is None:
             raise FileNotFoundError(_missing(location, "config.json"))
-        return _load_adapter(
-            location,
-            adapter,
-            prompt_format=prompt_format,
-            torch_dtype=torch_dtype,
-            device=device,
-            quantization=quantization,
-            convert_original=convert_original,
-            hidden_layer=hidden_layer,
-        )
-    if convert_original and is_original_llava(config):
-        location = _converted(location, torch_dtype)
+        return _load_adapter(location, adapter, prompt_format, options)
+    if options["convert_original"] and is_original_llava(config):
+        location = _converted(location, options["torch_dtype"])
         config = read_config(location)
     family = _family(config, location)
-    kwargs = dict(
-        torch_dtype=torch_dtype, device=device, quantization=quantization, hidden_layer=hidden_layer
-    )
+    kwargs = {key: value for key, value in options.items() if key != "convert_original"}
     if family == "llava":
         from img_guidance.guidance.llava import LlavaGuidance
 
@@ -311,15 +291,7 @@ def _load(
 
 
 def _load_adapter(
-    location: str,
-    adapter: dict[str, Any],
-    *,
-    prompt_format: str | None,
-    torch_dtype: Any,
-    device: Any,
-    quantization: str | None,
-    convert_original: bool,
-    hidden_layer: int,
+    location: str, adapter: dict[str, Any], prompt_format: str | None, options: dict[str, Any]
 ) -> GuidanceModel:
     """A LoRA adapter folder (peft, as the detector recipe saves it unmerged): its base model
     loaded as guidance, with the adapter merged into the weights."""
@@ -338,15 +310,7 @@ def _load_adapter(
         raise ImportError(
             f'{location} is a LoRA adapter folder, which needs peft: pip install "img-guidance[train]"'
         ) from None
-    guidance = load_guidance(
-        base,
-        prompt_format=prompt_format,
-        torch_dtype=torch_dtype,
-        device=device,
-        quantization=quantization,
-        convert_original=convert_original,
-        hidden_layer=hidden_layer,
-    )
+    guidance = load_guidance(base, prompt_format=prompt_format, **options)
 
     path, subfolder = pretrained_location(location)
     where = {"subfolder": subfolder} if subfolder else {}
