@@ -648,7 +648,8 @@ def train_all(
 
 
 # Settings added to the recipe after runs were recorded, at the value that is what the code did
-# before the setting existed (no rows from renders), whatever their default is now.
+# before the setting existed (no rows from renders, guidance from the last layer, not standardized),
+# whatever their default is now.
 SETTINGS_BEFORE_THEY_EXISTED = {
     "pair_renders": 0,
     "detector_guidance_layer": -1,
