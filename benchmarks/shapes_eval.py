@@ -75,6 +75,51 @@ def prompt_set(split: str, per_category: int | None, seed: int) -> list:
     return chosen
 
 
+NOVELTY = {
+    "unseen": "unseen combination",
+    "seen": "seen combination (two groups)",
+    "one_group": "one group",
+}
+
+
+def novelty(spec, seed: int) -> str:
+    """A scene's key in :data:`NOVELTY`: two groups holding a held-out kind (a combination no training
+    scene holds), two groups otherwise, or one group."""
+    from img_guidance.shapes.splits import unseen_combination
+
+    if len(spec.objects) < 2:
+        return "one_group"
+    return "unseen" if unseen_combination(spec, seed) else "seen"
+
+
+def novelty_markdown(verdicts: dict[str, list], seed: int, results: dict[str, dict]) -> str:
+    """Each system's accuracy on scenes with an unseen combination, on the other two-group scenes and
+    on one-group scenes, with 95% Wilson intervals; also stored in ``results[name]["by_novelty"]``."""
+    from img_guidance.shapes.judge import wilson_interval
+    from img_guidance.shapes.splits import held_out_kinds
+
+    kinds = ", ".join(f"{c} {s}" for c, s in held_out_kinds(seed))
+    keys = [novelty(v.spec, seed) for v in next(iter(verdicts.values()))]
+    counts = {key: keys.count(key) for key in NOVELTY}
+    lines = [
+        f"### Combinations no training scene holds (two groups with a held-out kind: {kinds})",
+        "",
+        "| system | " + " | ".join(f"{label} (n = {counts[key]})" for key, label in NOVELTY.items()) + " |",
+        "|---|" + "---|" * len(NOVELTY),
+    ]
+    for name, system in verdicts.items():
+        cells, stored = [], {}
+        for key in NOVELTY:
+            n = counts[key]
+            correct = sum(v.correct is True for v, k in zip(system, keys, strict=True) if k == key)
+            low, high = wilson_interval(correct, n)
+            cells.append(f"{correct / n:.3f} [{low:.2f}, {high:.2f}]" if n else "-")
+            stored[key] = {"n": n, "correct": correct}
+        results[name]["by_novelty"] = stored
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def ablation_aligner(
     run: Path, name: str, *, guidance: str, lam: float, terms: list[str], log, k: int | None = None
 ) -> Path:
@@ -290,7 +335,11 @@ def main(argv: list[str] | None = None) -> dict:
         outcome = win_tie_loss(verdicts[name], verdicts["base"])
         versus = "-" if name == "base" else f"{outcome.wins} / {outcome.ties} / {outcome.losses}"
         print(f"| {name} | " + " | ".join(cells) + f" | {versus} |")
-        results[name] = {**report_dict(report), "vs_base": [outcome.wins, outcome.ties, outcome.losses]}
+        results[name] = {
+            **report_dict(report),
+            "vs_base": [outcome.wins, outcome.ties, outcome.losses],
+            "correct": [v.correct for v in verdicts[name]],  # per image, in prompt x seed order
+        }
     reference = "IMG (1 round, 3 passes)"
     print()
     print(f"### Paired against {reference} (same images; positive: {reference} is right more often)")
@@ -311,6 +360,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"{paired.only_a} / {paired.only_b} | {paired.p_value:.3g}{mark} |"
         )
         results[name]["vs_img"] = paired.to_dict()
+    seed = json.loads((run / "train_all.json").read_text())["recipe"]["seed"]
+    print()
+    print(novelty_markdown(verdicts, seed, results))
     for name in ("base", reference):
         print()
         print(f"### Why {name}'s images are wrong (share of each category's images; one may show several)")

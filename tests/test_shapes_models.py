@@ -30,7 +30,7 @@ from img_guidance.shapes.models import (
     to_pixels,
 )
 from img_guidance.shapes.render import render
-from img_guidance.shapes.splits import by_category, held_out_kinds, split_scenes
+from img_guidance.shapes.splits import by_category, held_out_kinds, split_scenes, unseen_combination
 
 torch.set_num_threads(1)
 
@@ -224,6 +224,9 @@ def test_split_scenes_is_disjoint_and_holds_out_combinations():
         return len(spec.objects) == 2 and any((o.colour, o.shape) in kinds for o in spec.objects)
 
     assert not any(combines_held_out(s) for s in train)
+    assert all(unseen_combination(s) == combines_held_out(s) for s in all_scenes())
+    assert unseen_combination(parse(f"a {kinds[0][0]} {kinds[0][1]} and a blue square"))
+    assert not unseen_combination(parse(f"a {kinds[0][0]} {kinds[0][1]}"))
     assert any(combines_held_out(s) for s in validation) and any(combines_held_out(s) for s in test)
     assert any(not combines_held_out(s) and category(s) == "color_attr" for s in validation)
     # the held-out kinds are still seen alone

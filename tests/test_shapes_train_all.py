@@ -315,8 +315,14 @@ def test_the_benchmark_runs_every_system_on_a_finished_run(run, tmp_path, capsys
     }
     table = capsys.readouterr().out
     assert table.startswith("## ShapesWorld")  # the ablations' training logs go to stderr
-    # two tables of systems, then two of failure kinds (a header and six categories each)
-    assert table.count("\n| ") == 19 + 18 + 2 * 7 and "correct-render tokens (oracle)" in table
+    # three tables of systems, then two of failure kinds (a header and six categories each)
+    assert table.count("\n| ") == 19 + 18 + 19 + 2 * 7 and "correct-render tokens (oracle)" in table
+    assert "### Combinations no training scene holds (two groups with a held-out kind: " in table
+    for system in systems.values():  # every image counted once, and as in the overall accuracy
+        parts = system["by_novelty"].values()
+        assert sum(p["n"] for p in parts) == 12 and len(system["correct"]) == 12
+        right = system["correct"].count(True)
+        assert sum(p["correct"] for p in parts) == system["overall"]["correct"] == right
     assert "### Why base's images are wrong" in table
     failures = systems["base"]["failures"]
     assert list(failures) == ["single_object", "counting", "two_object", "colors", "color_attr", "position"]

@@ -88,6 +88,13 @@ def split_scenes(
     return splits
 
 
+def unseen_combination(spec: SceneSpec, seed: int = 0, *, held_out: int = 2) -> bool:
+    """Whether ``spec`` is a two-group scene holding one of the ``held_out`` kinds of
+    :func:`held_out_kinds` (``seed``): a combination no training scene of :func:`split_scenes` holds
+    (every such scene is in validation or test)."""
+    return len(spec.objects) == 2 and _has_kind(spec, held_out_kinds(seed, count=held_out))
+
+
 def _has_kind(spec: SceneSpec, kinds: Sequence[tuple[str, str]]) -> bool:
     return any((o.colour, o.shape) in kinds for o in spec.objects)
 
