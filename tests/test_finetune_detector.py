@@ -298,3 +298,16 @@ def test_the_cli_runs_the_recipe_and_passes_its_exit_codes(llava, data, tmp_path
     good = runner.invoke(app, ["finetune-detector", str(path), "max_steps=1", "report_to=[]"])
     assert good.exit_code == 0, good.output
     assert (tmp_path / "run" / "final" / DETECTOR_INFO).is_file()
+
+
+def test_freeze_norms_keeps_every_normalization_weight_and_trains_the_rest(llava, data, tmp_path):
+    base = {n: p.clone() for n, p in load_guidance(llava).model.named_parameters()}
+    cfg = config(llava, data, tmp_path / "run", freeze_vision=False, freeze_norms=True)
+    model = prepare_model(load_guidance(llava).model, cfg)
+    norms = {n for n, p in model.named_parameters() if "norm" in n}  # layer norms and RMS norms
+    assert norms and not any(p.requires_grad for n, p in model.named_parameters() if n in norms)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n not in norms)
+    final = Path(finetune(cfg)["final_dir"])
+    trained = dict(load_guidance(final).model.named_parameters())
+    assert all(torch.equal(trained[n], base[n]) for n in norms)
+    assert not all(torch.equal(trained[n], base[n]) for n in base if n not in norms)

@@ -15,7 +15,7 @@ from img_guidance.aligner import load_aligner
 from img_guidance.data.pairs import iter_pairs
 from img_guidance.guidance import DETECTOR_INFO, load_guidance
 from img_guidance.guidance.standardize import STATS_FILE
-from img_guidance.recipes.train_shapes import STAGES, ShapesRecipe, install, train_all
+from img_guidance.recipes.train_shapes import STAGES, ShapesRecipe, install, stage_settings, train_all
 
 
 def render_or_miss(self, prompts, seeds, **kwargs):
@@ -415,6 +415,16 @@ def test_a_report_written_before_a_setting_existed_reads_it_at_what_the_code_did
     settings = json.loads(json.dumps(dataclasses.asdict(ShapesRecipe(detector_guidance_layer=-1))))
     older = {k: v for k, v in settings.items() if k != "detector_guidance_layer"}
     assert recorded_settings(older) == settings
+    # ... and trained the detector's norms; that setting is the detector stage's and reaches every
+    # stage after it that reads the detector, not the generator or the pairs
+    assert ShapesRecipe().detector_freeze_norms is True
+    settings = json.loads(json.dumps(dataclasses.asdict(ShapesRecipe(detector_freeze_norms=False))))
+    older = {k: v for k, v in settings.items() if k != "detector_freeze_norms"}
+    assert recorded_settings(older) == settings
+    reached = [n for n in STAGES if "detector_freeze_norms" in stage_settings(n, settings)]
+    assert reached == ["detector", "features", "aligner", "ip_scale"]
+    with pytest.raises(ValueError, match="detector_freeze_norms must be True or False, got 'no'"):
+        ShapesRecipe(detector_freeze_norms="no")
 
 
 def test_a_guidance_layer_the_detector_lacks_is_refused_with_the_recipe():

@@ -18,7 +18,8 @@ image, question and assistant tag are masked out (-100), as is padding.
 
 ``method: full`` trains the language model and the projector; ``method: lora`` adds peft LoRA
 adapters to the language model's projections and trains the projector fully (``modules_to_save``).
-The vision tower is frozen unless ``freeze_vision: false``. Trainable weights are kept in float32
+The vision tower is frozen unless ``freeze_vision: false``; ``freeze_norms: true`` keeps every
+normalization layer's weights as the base has them. Trainable weights are kept in float32
 (master weights) whatever ``dtype`` the frozen ones are loaded in; ``mixed_precision`` autocasts.
 
 Data is streamed in source order (one epoch = one pass); process p of N reads the rows whose index
@@ -133,6 +134,8 @@ class FinetuneConfig:
     merge_lora: bool = False
     freeze_vision: bool = True
     train_projector: bool = True
+    # keep every normalization layer's weights (LayerNorm, RMSNorm) as the base model has them
+    freeze_norms: bool = False
     quantization: str | None = None  # 4bit / 8bit base weights (QLoRA; bitsandbytes and a GPU)
     # frozen weights' dtype; None: bfloat16 where native under mixed_precision, else float32
     dtype: str | None = None
@@ -389,6 +392,11 @@ def projector_module(model: torch.nn.Module) -> str:
     )
 
 
+def _is_norm(module: torch.nn.Module) -> bool:
+    """A normalization layer: torch's LayerNorm, or a model's own LayerNorm / RMSNorm class."""
+    return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
 def prepare_model(model: torch.nn.Module, cfg: FinetuneConfig, *, base: str = "") -> torch.nn.Module:
     """``model`` with the trainable parts chosen by the config (wrapped by peft for LoRA, its
     adapter naming ``base`` as its base model), those in float32; returns the model to train."""
@@ -428,6 +436,11 @@ def prepare_model(model: torch.nn.Module, cfg: FinetuneConfig, *, base: str = ""
             for name, param in model.named_parameters():
                 if _is_vision(name) and "lora_" not in name:
                     param.requires_grad_(True)
+    if cfg.freeze_norms:
+        for module in model.modules():
+            if _is_norm(module):
+                for param in module.parameters(recurse=False):
+                    param.requires_grad_(False)
     for param in model.parameters():
         if param.requires_grad and param.is_floating_point():
             param.data = param.data.float()  # float32 master weights for what is trained
