@@ -85,8 +85,8 @@ class ShapesRecipe:
     detector_lr: float = 2e-3
     detector_val_rows: int = 200
     # every normalization layer's weights kept at the untrained detector's (the detector recipe's
-    # freeze_norms): on validation IMG got 0.446 / 0.479 with it against 0.366 / 0.324 without, with
-    # two detector seeds (2026-12-06, docs/shapesworld.md); False until then
+    # freeze_norms): on validation at IP 1.5 IMG got 0.446 / 0.479 with it against 0.366 / 0.268
+    # without, detector seeds 0 / 1 (2026-12-06, docs/shapesworld.md); False until then
     detector_freeze_norms: bool = True
     # the detector's hidden state read as guidance (recorded in OUT/detector, where every loader reads
     # it): 1, the output of the first of its 3 layers, chosen on validation (2026-12-06); the paper's
