@@ -218,9 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     run = args.run
-    scenes = prompt_set(
-        args.split, args.per_category, json.loads((run / "train_all.json").read_text())["recipe"]["seed"]
-    )
+    recipe = json.loads((run / "train_all.json").read_text())["recipe"]
+    scenes = prompt_set(args.split, args.per_category, recipe["seed"])
     prompts = [describe(s) for s in scenes for _ in range(args.seeds)]
     seeds = [k for _ in scenes for k in range(args.seeds)]
     specs = [s for s in scenes for _ in range(args.seeds)]
@@ -290,7 +289,6 @@ def main(argv: list[str] | None = None) -> dict:
         for scale in IP_SCALES:
             if scale != backend.defaults.ip_scale:
                 systems[f"IMG at IP scale {scale}"] = img(shipped, detector, ip_scale=scale)[0]
-        recipe = json.loads((run / "train_all.json").read_text())["recipe"]
         ablations = {
             "text-embedding guidance": dict(guidance="text", lam=1.0, terms=["dpo", "spin"]),
             "untrained detector": dict(guidance="untrained", lam=1.0, terms=["dpo", "spin"]),
@@ -360,9 +358,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"{paired.only_a} / {paired.only_b} | {paired.p_value:.3g}{mark} |"
         )
         results[name]["vs_img"] = paired.to_dict()
-    seed = json.loads((run / "train_all.json").read_text())["recipe"]["seed"]
     print()
-    print(novelty_markdown(verdicts, seed, results))
+    print(novelty_markdown(verdicts, recipe["seed"], results))
     for name in ("base", reference):
         print()
         print(f"### Why {name}'s images are wrong (share of each category's images; one may show several)")
