@@ -35,9 +35,10 @@ Every system is also compared with IMG (1 round) on the same images: the accurac
 another seed and the oracle with their intervals.
 
 Ablation aligners are trained on first use into ``RUN/ablations/NAME`` with the shipped aligner's
-recipe (its feature caches into ``RUN/ablations/features_*``). Output: a markdown table of accuracy
-per category with 95% Wilson intervals, each system's win/tie/loss against the base per (prompt,
-seed), the failure kinds of base's and IMG's images per category (``shapes.judge.failure_kinds``),
+recipe (its feature caches into ``RUN/ablations/features_*``); the closing line (and ``--json``'s
+``seconds``) says how much of the time that took. Output: a markdown table of accuracy per category
+with 95% Wilson intervals, each system's win/tie/loss against the base per (prompt, seed), the
+failure kinds of base's and IMG's images per category (``shapes.judge.failure_kinds``),
 and ``--json`` with everything.
 """
 
@@ -284,6 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
     systems["nearest-correct-render tokens (oracle)"] = batched(
         from_corrections, prompts, seeds, specs, systems["base"]
     )
+    training = 0.0  # seconds spent training ablation aligners (once per run folder)
     if not args.skip_ablations:
         systems["IMG, 1 pass"] = img(shipped, detector, passes=1)[0]
         for scale in IP_SCALES:
@@ -302,7 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
         }
         for label, spec in ablations.items():
             name = label.split(" (")[0].replace(" ", "_").replace("+", "plus").lower()
+            started = time.perf_counter()
             aligner = ablation_aligner(run, name, log=log, **spec)
+            training += time.perf_counter() - started
             guidance = guidance_model(run, spec["guidance"])
             questions = PROMPT_ONLY if spec["guidance"] == "text" else QUESTIONS
             systems[label] = img(aligner, guidance, questions)[0]
@@ -371,6 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"{len(prompts)} images per system; 95% Wilson intervals; * McNemar p < 0.05; "
         f"{seconds / 60:.1f} min on {torch.get_num_threads()} threads"
+        + (f", {training / 60:.1f} of them training ablation aligners" if not args.skip_ablations else "")
     )
     if args.chart:
         from img_guidance.eval.plots import category_accuracy_chart
@@ -384,6 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "images_per_system": len(prompts),
+        "seconds": {"total": round(seconds, 1), "ablation_training": round(training, 1)},
         "ip_scale": backend.defaults.ip_scale,
         "systems": results,
     }

@@ -304,6 +304,7 @@ def test_the_benchmark_runs_every_system_on_a_finished_run(run, tmp_path, capsys
     assert out["images_per_system"] == 12 and systems["base"]["overall"]["n"] == 12
     assert sum(systems["IMG (1 round, 3 passes)"]["vs_base"]) == 12
     trained = {p.parent.name for p in (run / "ablations").glob("*/final")}
+    assert 0 < out["seconds"]["ablation_training"] < out["seconds"]["total"]
     assert trained == {
         "text-embedding_guidance",
         "untrained_detector",
@@ -315,6 +316,7 @@ def test_the_benchmark_runs_every_system_on_a_finished_run(run, tmp_path, capsys
     }
     table = capsys.readouterr().out
     assert table.startswith("## ShapesWorld")  # the ablations' training logs go to stderr
+    assert "of them training ablation aligners\n" in table
     # three tables of systems, then two of failure kinds (a header and six categories each)
     assert table.count("\n| ") == 19 + 18 + 19 + 2 * 7 and "correct-render tokens (oracle)" in table
     assert "### Combinations no training scene holds (two groups with a held-out kind: " in table
