@@ -86,7 +86,9 @@ class ShapesRecipe:
     detector_val_rows: int = 200
     # every normalization layer's weights kept at the untrained detector's (the detector recipe's
     # freeze_norms): on validation at IP 1.5 IMG got 0.446 / 0.479 with it against 0.366 / 0.268
-    # without, detector seeds 0 / 1 (2026-12-06, docs/shapesworld.md); False until then
+    # without, detector seeds 0 / 1 (2026-12-06, docs/shapesworld.md); False until then. Seeds 2 / 3
+    # with it, run after, got 0.258 / 0.268: the detector's seed matters more than this setting
+    # does, and the setting's gain is not established
     detector_freeze_norms: bool = True
     # the detector's hidden state read as guidance (recorded in OUT/detector, where every loader reads
     # it): 1, the output of the first of its 3 layers, chosen on validation (2026-12-06); the paper's
