@@ -151,4 +151,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from img_guidance.allocator import keep_freed_memory
+
+    keep_freed_memory()  # torch's freed CPU blocks stay in the process (img_guidance.allocator)
     main()

@@ -73,6 +73,9 @@ def main(
     ] = False,
 ) -> None:
     """IMG (Implicit Multimodal Guidance): calibrate text-to-image diffusion models."""
+    from img_guidance.allocator import keep_freed_memory
+
+    keep_freed_memory()  # CPU runs: torch's freed blocks stay in the process (img_guidance.allocator)
 
 
 @app.command()

@@ -257,6 +257,9 @@ def run_recipe(argv: Sequence[str] | None, cls: type[T], usage: str, run) -> int
     config or command line (the message on stderr)."""
     import sys
 
+    from img_guidance.allocator import keep_freed_memory
+
+    keep_freed_memory()  # CPU runs: torch's freed blocks stay in the process (img_guidance.allocator)
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         path, overrides, resume = parse_args(argv, usage)
