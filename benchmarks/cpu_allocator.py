@@ -46,6 +46,7 @@ seconds = time.perf_counter() - start
 usage = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({
     "applied": applied,
+    "skipped": None if applied or not setting else allocator.skip_reason(),
     "seconds": seconds,
     "user": usage.ru_utime - start_usage.ru_utime,
     "system": usage.ru_stime - start_usage.ru_stime,
@@ -80,7 +81,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--images and --batch-size must be at least 1, got {args.images} and {args.batch_size}")
     import torch
 
-    from img_guidance.allocator import skip_reason
     from img_guidance.demo import check_installed
     from img_guidance.precision import describe_cpu
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"| {row['page_faults']:,} | {row['peak_gib']:.2f} |"
         )
     if not rows[1]["applied"]:
-        print(f"\nnote: the second setting was not applied here ({skip_reason()}): the rows are alike")
+        print(f"\nnote: the second setting was not applied here ({rows[1]['skipped']}): the rows are alike")
     same = len({row["images_md5"] for row in rows}) == 1
     print(
         f"\nimages the same byte for byte: {'yes' if same else 'NO'}; computed in {rows[0]['dtype']}; "
