@@ -28,6 +28,9 @@ Systems (every one starts from the same initial images where it re-generates):
 - the reference never replaced (k past the run's steps; the shipped recipe replaces it after 10
   consecutive wins); IMG with 1 pass instead of 3; IMG at IP scales 0.2, 0.5, 1.0 and 1.5 (less the
   run's own, chosen on validation by ``train-all``).
+- with ``--aligner-seeds 1,2,3`` (with or without the ablations): "aligner seed N", the shipped
+  recipe's aligner trained with seed N instead of the run's on the same feature cache, guided by the
+  same detector: how much of IMG's result is the draw of the aligner's seed.
 
 Every system is also compared with IMG (1 round) on the same images: the accuracy difference with a
 95% cluster-bootstrap interval (a scene's seeds resampled together) and McNemar's exact test
@@ -122,9 +125,18 @@ def novelty_markdown(verdicts: dict[str, list], seed: int, results: dict[str, di
 
 
 def ablation_aligner(
-    run: Path, name: str, *, guidance: str, lam: float, terms: list[str], log, k: int | None = None
+    run: Path,
+    name: str,
+    *,
+    guidance: str,
+    lam: float,
+    terms: list[str],
+    log,
+    k: int | None = None,
+    seed: int | None = None,
 ) -> Path:
-    """The aligner of one ablation, trained on first use with the shipped recipe's settings."""
+    """The aligner of one ablation, trained on first use with the shipped recipe's settings (``seed``:
+    another training seed than the recipe's, for the same data)."""
     from img_guidance.recipes.train_shapes import ShapesRecipe, recorded_settings, train_aligner_on
 
     final = run / "ablations" / name / "final"
@@ -135,7 +147,7 @@ def ablation_aligner(
     cache = run / "features" if guidance == "detector" else features_for(run, guidance, recipe, log)
     log(f"training the ablation aligner {name} ({guidance} guidance, lambda {lam}, terms {terms})")
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the table only
-        train_aligner_on(cache, run / "ablations" / name, recipe, lam=lam, terms=terms, k=k)
+        train_aligner_on(cache, run / "ablations" / name, recipe, lam=lam, terms=terms, k=k, seed=seed)
     return final
 
 
@@ -177,6 +189,17 @@ def features_for(run: Path, guidance: str, recipe, log) -> Path:
     return out
 
 
+def seed_list(text: str) -> tuple[int, ...]:
+    """``--aligner-seeds``: distinct seeds >= 0, comma-separated."""
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -195,6 +218,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--skip-ablations", action="store_true", help="base, IMG and the two re-generations only"
+    )
+    parser.add_argument(
+        "--aligner-seeds",
+        type=seed_list,
+        default=(),
+        help="comma-separated training seeds: a row for each, the recipe's aligner trained with that "
+        "seed on the same features (how much IMG owes to the aligner's seed)",
     )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--chart", type=Path, help="a PNG of per-category accuracy (needs matplotlib)")
@@ -220,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     run = args.run
     recipe = json.loads((run / "train_all.json").read_text())["recipe"]
+    if recipe["seed"] in args.aligner_seeds:
+        parser.error(f"--aligner-seeds {recipe['seed']}: that is the run's own seed (the IMG row)")
     scenes = prompt_set(args.split, args.per_category, recipe["seed"])
     prompts = [describe(s) for s in scenes for _ in range(args.seeds)]
     seeds = [k for _ in scenes for k in range(args.seeds)]
@@ -311,6 +343,13 @@ def main(argv: list[str] | None = None) -> dict:
             questions = PROMPT_ONLY if spec["guidance"] == "text" else QUESTIONS
             systems[label] = img(aligner, guidance, questions)[0]
             log(f"{label}: done")
+    for seed in args.aligner_seeds:
+        started = time.perf_counter()
+        spec = dict(guidance="detector", lam=recipe["aligner_lam"], terms=list(recipe["aligner_terms"]))
+        aligner = ablation_aligner(run, f"aligner_seed_{seed}", log=log, seed=seed, **spec)
+        training += time.perf_counter() - started
+        systems[f"aligner seed {seed}"] = img(aligner, detector)[0]
+        log(f"aligner seed {seed}: done")
 
     verdicts = {
         name: [judge(im, spec) for im, spec in zip(images, specs, strict=True)]
@@ -375,7 +414,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"{len(prompts)} images per system; 95% Wilson intervals; * McNemar p < 0.05; "
         f"{seconds / 60:.1f} min on {torch.get_num_threads()} threads"
-        + (f", {training / 60:.1f} of them training ablation aligners" if not args.skip_ablations else "")
+        + (
+            f", {training / 60:.1f} of them training ablation aligners"
+            if not args.skip_ablations or args.aligner_seeds
+            else ""
+        )
     )
     if args.chart:
         from img_guidance.eval.plots import category_accuracy_chart

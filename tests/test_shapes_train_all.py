@@ -332,6 +332,40 @@ def test_the_benchmark_runs_every_system_on_a_finished_run(run, tmp_path, capsys
     assert json.loads((tmp_path / "eval.json").read_text())["systems"] == systems
 
 
+def test_the_benchmark_retrains_the_aligner_with_other_seeds_on_request(run, tmp_path, capsys):
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from benchmarks import shapes_eval as module
+
+    copy = tmp_path / "run"  # the module's run folder stays as the other tests expect it
+    shutil.copytree(run, copy)
+    args = ["--run", str(copy), "--split", "validation", "--per-category", "1", "--seeds", "1"]
+    # the run's own seed is its IMG row: refused, with one line, before any model loads
+    for bad, says in (("0", "the run's own seed"), ("1,x", "comma-separated integers"), ("2,2", "distinct")):
+        with pytest.raises(SystemExit) as exit_info:
+            module.main([*args, "--aligner-seeds", bad])
+        assert exit_info.value.code == 2 and says in capsys.readouterr().err
+    assert not list(copy.glob("ablations/aligner_seed_*"))
+    out = module.main([*args, "--skip-ablations", "--aligner-seeds", "3,1"])
+    systems = out["systems"]
+    assert [name for name in systems if name.startswith("aligner seed")] == [
+        "aligner seed 3",
+        "aligner seed 1",
+    ]
+    assert systems["aligner seed 1"]["vs_img"]["n"] == 6 and "lambda 2" not in systems
+    assert 0 < out["seconds"]["ablation_training"] < out["seconds"]["total"]
+    shipped = load_file(copy / "aligner" / "model.safetensors")
+    for seed in (1, 3):
+        trained = copy / "ablations" / f"aligner_seed_{seed}"
+        assert yaml.safe_load((trained / "config.yaml").read_text())["seed"] == seed
+        other = load_file(trained / "final" / "model.safetensors")
+        assert other.keys() == shipped.keys() and any(not torch.equal(other[k], shipped[k]) for k in other)
+    assert "of them training ablation aligners\n" in capsys.readouterr().out
+
+
 def test_the_joint_method_runs_every_stage_and_the_pipeline_carries_its_16_tokens(tmp_path):
     import dataclasses
 
