@@ -343,10 +343,10 @@ def main(argv: list[str] | None = None) -> dict:
             questions = PROMPT_ONLY if spec["guidance"] == "text" else QUESTIONS
             systems[label] = img(aligner, guidance, questions)[0]
             log(f"{label}: done")
+    shipped_spec = dict(guidance="detector", lam=recipe["aligner_lam"], terms=list(recipe["aligner_terms"]))
     for seed in args.aligner_seeds:
         started = time.perf_counter()
-        spec = dict(guidance="detector", lam=recipe["aligner_lam"], terms=list(recipe["aligner_terms"]))
-        aligner = ablation_aligner(run, f"aligner_seed_{seed}", log=log, seed=seed, **spec)
+        aligner = ablation_aligner(run, f"aligner_seed_{seed}", log=log, seed=seed, **shipped_spec)
         training += time.perf_counter() - started
         systems[f"aligner seed {seed}"] = img(aligner, detector)[0]
         log(f"aligner seed {seed}: done")
