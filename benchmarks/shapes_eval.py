@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     start = time.perf_counter()
     run = args.run
+    if not (run / "train_all.json").is_file():
+        parser.error(f"--run {run}: no train_all.json there; give a finished `shapes train-all` folder")
     recipe = json.loads((run / "train_all.json").read_text())["recipe"]
     if recipe["seed"] in args.aligner_seeds:
         parser.error(f"--aligner-seeds {recipe['seed']}: that is the run's own seed (the IMG row)")

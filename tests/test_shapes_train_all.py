@@ -349,6 +349,9 @@ def test_the_benchmark_retrains_the_aligner_with_other_seeds_on_request(run, tmp
             module.main([*args, "--aligner-seeds", bad])
         assert exit_info.value.code == 2 and says in capsys.readouterr().err
     assert not list(copy.glob("ablations/aligner_seed_*"))
+    with pytest.raises(SystemExit) as exit_info:  # not a train-all folder: one line, no traceback
+        module.main(["--run", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2 and "no train_all.json there" in capsys.readouterr().err
     out = module.main([*args, "--skip-ablations", "--aligner-seeds", "3,1"])
     systems = out["systems"]
     assert [name for name in systems if name.startswith("aligner seed")] == [
