@@ -167,6 +167,18 @@ SDXL_VAE = dict(
     force_upcast=True,
 )
 # h94/IP-Adapter: sdxl_models/ip-adapter-plus_sdxl_vit-h (shapes of its image_proj state dict)
+# stabilityai/stable-diffusion-xl-base-1.0: scheduler/scheduler_config.json (EulerDiscreteScheduler)
+SDXL_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+    timestep_spacing="leading",
+    steps_offset=1,
+)
 SDXL_RESAMPLER = dict(embed_dims=1280, output_dims=2048, hidden_dims=1280, depth=4, dim_head=64, heads=20)
 SDXL_IP_TOKENS = 16
 
@@ -218,6 +230,17 @@ FLUX_VAE = dict(
     use_quant_conv=False,
     use_post_quant_conv=False,
 )
+# black-forest-labs/FLUX.1-dev: scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler)
+FLUX_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+FLUX_T5_TOKENS = 512  # FluxPipeline's max_sequence_length for FLUX.1-dev (T5 pads every prompt to it)
 # XLabs-AI/flux-ip-adapter: ip_adapter.safetensors (image_proj 768 -> 4 x 4096; k/v 4096 -> 3072)
 FLUX_IP_TOKENS = 4
 

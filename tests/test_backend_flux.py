@@ -250,3 +250,14 @@ class TestFluxBackendContract(BackendContractTests):
 
     def text_encoder(self, backend):
         return backend.pipe.text_encoder_2
+
+
+def test_from_pipe_needs_the_image_encoder_registered(tiny_flux):
+    from diffusers import FluxPipeline
+
+    from img_guidance.backends.flux import FluxBackend
+    from img_guidance.testing.flux import pipeline_parts
+
+    pipe = FluxPipeline(**pipeline_parts())
+    with pytest.raises(ValueError, match="needs an image_encoder"):
+        FluxBackend.from_pipe(pipe, ip_adapter=tiny_flux["ip_adapter"])

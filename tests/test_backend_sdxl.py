@@ -269,3 +269,13 @@ class TestSDXLBackendContract(BackendContractTests):
 
     def text_encoder(self, backend):
         return backend.pipe.text_encoder
+
+
+def test_from_pipe_needs_the_image_encoder_registered(tiny):
+    from diffusers import StableDiffusionXLPipeline
+
+    from img_guidance.testing.sdxl import pipeline_parts
+
+    pipe = StableDiffusionXLPipeline(**pipeline_parts())
+    with pytest.raises(ValueError, match="needs an image_encoder"):
+        SDXLBackend.from_pipe(pipe, ip_adapter=tiny["ip_adapter"])

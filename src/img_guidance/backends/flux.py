@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -157,7 +158,7 @@ class FluxBackend(DiffusionBackend):
             torch_dtype = default_dtype(device)
         # the small files first: a wrong adapter path fails before gigabytes are read
         adapter_file = hub_file(ip_adapter)
-        num_adapter_blocks = _check_xlabs_file(adapter_file)
+        _check_xlabs_file(adapter_file)
         pipe_path, pipe_subfolder = pretrained_location(model)
         if pipe_subfolder is not None:
             raise ValueError(
@@ -179,26 +180,63 @@ class FluxBackend(DiffusionBackend):
                 path, subfolder=subfolder, dtype=torch_dtype
             )
         pipe = FluxPipeline.from_pretrained(pipe_path, dtype=torch_dtype, **components)
+        backend = cls.from_pipe(
+            pipe,
+            ip_adapter=adapter_file,
+            defaults=defaults,
+            true_cfg_scale=true_cfg_scale,
+            sources={
+                "model": os.fspath(model),
+                "transformer": os.fspath(transformer) if transformer is not None else "",
+                "ip_adapter": os.fspath(ip_adapter),
+                "image_encoder": os.fspath(image_encoder),
+            },
+        )
+        backend.set_offload(offload, device)
+        return backend
+
+    @classmethod
+    def from_pipe(
+        cls,
+        pipe: FluxPipeline,
+        *,
+        ip_adapter: str | os.PathLike,
+        defaults: GenerationDefaults | None = None,
+        true_cfg_scale: float = 3.5,
+        sources: dict[str, str] | None = None,
+    ) -> FluxBackend:
+        """A ``FluxPipeline`` already in memory, with the IP-Adapter added from ``ip_adapter`` (a local
+        ``.safetensors`` file, XLabs layout). The pipeline's ``image_encoder`` must be registered; CLIP
+        preprocessing at its resolution is added when missing. The adapter's weights go where the
+        transformer is, in its dtype."""
+        from transformers import CLIPImageProcessor
+
+        num_adapter_blocks = _check_xlabs_file(ip_adapter)
+        if getattr(pipe, "image_encoder", None) is None:
+            raise ValueError("the pipeline needs an image_encoder (CLIPVisionModelWithProjection) registered")
+        if getattr(pipe, "feature_extractor", None) is None:
+            # what diffusers' load_ip_adapter builds when the pipeline has none: CLIP's defaults at
+            # the encoder's resolution (224 for ViT-L/14, the same as the XLabs code)
+            size = pipe.image_encoder.config.image_size
+            pipe.register_modules(feature_extractor=CLIPImageProcessor(size=size, crop_size=size))
         if num_adapter_blocks != pipe.transformer.config.num_layers:
             raise ValueError(
-                f"{adapter_file} has IP weights for {num_adapter_blocks} double-stream blocks but the "
+                f"{ip_adapter} has IP weights for {num_adapter_blocks} double-stream blocks but the "
                 f"transformer has {pipe.transformer.config.num_layers}"
             )
+        adapter_file = Path(ip_adapter)
         # diffusers converts the XLabs keys (FluxIPAdapterMixin + FluxTransformer2DLoadersMixin)
         pipe.load_ip_adapter(
             os.fspath(adapter_file.parent),
             weight_name=adapter_file.name,
             image_encoder_pretrained_model_name_or_path=None,  # registered above
         )
-        backend_sources = {
-            "model": os.fspath(model),
-            "transformer": os.fspath(transformer) if transformer is not None else "",
-            "ip_adapter": os.fspath(ip_adapter),
-            "image_encoder": os.fspath(image_encoder),
-        }
-        backend = cls(pipe=pipe, defaults=defaults, true_cfg_scale=true_cfg_scale, sources=backend_sources)
-        backend.set_offload(offload, device)
-        return backend
+        return cls(
+            pipe=pipe,
+            defaults=defaults,
+            true_cfg_scale=true_cfg_scale,
+            sources=sources or {"ip_adapter": os.fspath(ip_adapter)},
+        )
 
     @classmethod
     def from_preset(cls, name: str = "flux", **overrides: Any) -> FluxBackend:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -105,7 +106,6 @@ class SDXLBackend(DiffusionBackend):
         own weights, not to a swapped UNet. Works offline for local paths and cached hub files.
         """
         from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-        from diffusers.models.embeddings import IPAdapterPlusImageProjection
         from transformers import CLIPVisionModelWithProjection
 
         # resolve every location before loading anything, so a typo fails in seconds
@@ -136,6 +136,44 @@ class SDXLBackend(DiffusionBackend):
         # registered after loading: from_pretrained warns when the processor class is not the one
         # its signature names (CLIPImageProcessor resolves to the torchvision one when installed)
         pipe.register_modules(feature_extractor=_clip_image_processor(encoder.config.image_size))
+        backend = cls.from_pipe(
+            pipe,
+            ip_adapter=ip_adapter_file,
+            defaults=defaults,
+            sources={
+                "model": os.fspath(model),
+                # a location that loads the same UNet again (owner/repo/unet or a local folder)
+                "unet": os.fspath(unet) if unet is not None else f"{os.fspath(model).rstrip('/')}/unet",
+                "ip_adapter": os.fspath(ip_adapter),
+                "image_encoder": os.fspath(image_encoder),
+            },
+        )
+        if device is not None:
+            backend.set_offload("none", device)
+        return backend
+
+    @classmethod
+    def from_pipe(
+        cls,
+        pipe: StableDiffusionXLPipeline,
+        *,
+        ip_adapter: str | os.PathLike,
+        defaults: GenerationDefaults | None = None,
+        sources: dict[str, str] | None = None,
+    ) -> SDXLBackend:
+        """An SDXL pipeline already in memory, with IP-Adapter-Plus added from ``ip_adapter`` (a local
+        .safetensors or .bin file in the h94 layout). The pipeline's ``image_encoder`` (a
+        ``CLIPVisionModelWithProjection``) must be registered; its CLIP preprocessing is added when
+        missing. The adapter's weights go where the UNet is, in its dtype."""
+        from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+        if pipe.image_encoder is None:
+            raise ValueError("the pipeline needs an image_encoder (CLIPVisionModelWithProjection) registered")
+        if getattr(pipe, "feature_extractor", None) is None:
+            pipe.register_modules(
+                feature_extractor=_clip_image_processor(pipe.image_encoder.config.image_size)
+            )
+        ip_adapter_file = Path(ip_adapter)
         # diffusers converts the h94 layout (resampler + to_k_ip/to_v_ip per cross-attention layer)
         # and installs its IP-Adapter attention processors; the image encoder is already registered
         pipe.load_ip_adapter(
@@ -152,22 +190,12 @@ class SDXLBackend(DiffusionBackend):
                 "(a resampler over CLIP hidden_states[-2])"
             )
         pipe.unet.encoder_hid_proj = PostProjectionTokens()
-
-        backend = cls(
+        return cls(
             pipe=pipe,
             image_projection=projection,
             defaults=defaults or PAPER_DEFAULTS,
-            sources={
-                "model": os.fspath(model),
-                # a location that loads the same UNet again (owner/repo/unet or a local folder)
-                "unet": os.fspath(unet) if unet is not None else f"{os.fspath(model).rstrip('/')}/unet",
-                "ip_adapter": os.fspath(ip_adapter),
-                "image_encoder": os.fspath(image_encoder),
-            },
+            sources=sources or {"ip_adapter": os.fspath(ip_adapter)},
         )
-        if device is not None:
-            backend.set_offload("none", device)
-        return backend
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> SDXLBackend:

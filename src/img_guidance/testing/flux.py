@@ -33,28 +33,133 @@ def xlabs_ip_adapter_state_dict(
     inner_dim: int = HEADS * HEAD_DIM,
     num_tokens: int = NUM_IP_TOKENS,
     scale: float = 0.3,
+    dtype=None,
 ) -> dict:
     """Random, non-zero tensors with the XLabs flux-ip-adapter key layout and (tiny) shapes.
 
     ``ip_adapter_proj_model.*``: the image projection, Linear(clip_dim -> num_tokens*token_dim) and a
     LayerNorm(token_dim); ``double_blocks.{i}.processor.ip_adapter_double_stream_{k,v}_proj.*``:
-    Linear(token_dim -> inner_dim) per double-stream block.
+    Linear(token_dim -> inner_dim) per double-stream block. Tensors are made on the default device,
+    in ``dtype`` (default float32).
     """
     import torch
 
+    def randn(*shape: int):
+        return torch.randn(*shape, dtype=dtype or torch.float32)
+
     state = {
-        "ip_adapter_proj_model.proj.weight": torch.randn(num_tokens * token_dim, clip_dim) * scale,
-        "ip_adapter_proj_model.proj.bias": torch.randn(num_tokens * token_dim) * scale,
-        "ip_adapter_proj_model.norm.weight": 1 + torch.randn(token_dim) * scale,
-        "ip_adapter_proj_model.norm.bias": torch.randn(token_dim) * scale,
+        "ip_adapter_proj_model.proj.weight": randn(num_tokens * token_dim, clip_dim) * scale,
+        "ip_adapter_proj_model.proj.bias": randn(num_tokens * token_dim) * scale,
+        "ip_adapter_proj_model.norm.weight": 1 + randn(token_dim) * scale,
+        "ip_adapter_proj_model.norm.bias": randn(token_dim) * scale,
     }
     for i in range(num_double_blocks):
         for kind in ("k", "v"):
             prefix = f"double_blocks.{i}.processor.ip_adapter_double_stream_{kind}_proj"
             # large enough that the IP branch visibly moves the tiny model's output
-            state[f"{prefix}.weight"] = torch.randn(inner_dim, token_dim) * 3 * scale
-            state[f"{prefix}.bias"] = torch.randn(inner_dim) * scale
+            state[f"{prefix}.weight"] = randn(inner_dim, token_dim) * 3 * scale
+            state[f"{prefix}.bias"] = randn(inner_dim) * scale
     return state
+
+
+def pipeline_parts() -> dict:
+    """The tiny ``FluxPipeline``'s components (random weights from torch's global generator), by the
+    pipeline's argument names: transformer, tokenizers, text encoders, VAE, scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    vae_latent_channels = 4
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * vae_latent_channels,  # latents are packed in 2x2 patches
+        num_layers=NUM_DOUBLE_BLOCKS,
+        num_single_layers=1,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=JOINT_ATTENTION_DIM,
+        pooled_projection_dim=32,  # = CLIP text hidden size (its pooled output)
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),  # sums to HEAD_DIM
+    )
+    tokenizer = clip_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            projection_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    tokenizer_2 = t5_tokenizer()
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=JOINT_ATTENTION_DIM,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 8, 8),  # scale factor 4: 32 px -> 8x8 latents -> 4x4 packed tokens
+        layers_per_block=1,
+        latent_channels=vae_latent_channels,
+        norm_num_groups=4,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return {
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "transformer": transformer,
+    }
+
+
+def image_encoder():
+    """The tiny ``CLIPVisionModelWithProjection`` (random weights)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            projection_dim=CLIP_PROJECTION_DIM,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=CLIP_IMAGE_SIZE,
+            patch_size=8,
+        )
+    )
 
 
 def make_tiny_flux(folder: str | os.PathLike) -> dict:
@@ -65,113 +170,20 @@ def make_tiny_flux(folder: str | os.PathLike) -> dict:
     multiple of 2 x the VAE scale factor).
     """
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline
     from safetensors.torch import save_file
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-        T5Config,
-        T5EncoderModel,
-    )
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(0)
     try:
-        vae_latent_channels = 4
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=4 * vae_latent_channels,  # latents are packed in 2x2 patches
-            num_layers=NUM_DOUBLE_BLOCKS,
-            num_single_layers=1,
-            attention_head_dim=HEAD_DIM,
-            num_attention_heads=HEADS,
-            joint_attention_dim=JOINT_ATTENTION_DIM,
-            pooled_projection_dim=32,  # = CLIP text hidden size (its pooled output)
-            guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),  # sums to HEAD_DIM
-        )
-        tokenizer = clip_tokenizer()
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=37,
-                projection_dim=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=tokenizer.model_max_length,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-        tokenizer_2 = t5_tokenizer()
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_2),
-                d_model=JOINT_ATTENTION_DIM,
-                d_kv=8,
-                d_ff=37,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(8, 8, 8),  # scale factor 4: 32 px -> 8x8 latents -> 4x4 packed tokens
-            layers_per_block=1,
-            latent_channels=vae_latent_channels,
-            norm_num_groups=4,
-            sample_size=32,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        )
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000,
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        )
-        pipe = FluxPipeline(
-            scheduler=scheduler,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            text_encoder_2=text_encoder_2,
-            tokenizer_2=tokenizer_2,
-            transformer=transformer,
-        )
+        pipe = FluxPipeline(**pipeline_parts())
         model = folder / "flux"
         pipe.save_pretrained(model)
 
-        image_encoder = CLIPVisionModelWithProjection(
-            CLIPVisionConfig(
-                hidden_size=32,
-                intermediate_size=37,
-                projection_dim=CLIP_PROJECTION_DIM,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                image_size=CLIP_IMAGE_SIZE,
-                patch_size=8,
-            )
-        )
         encoder_folder = folder / "image_encoder"
-        image_encoder.save_pretrained(encoder_folder)
+        image_encoder().save_pretrained(encoder_folder)
 
         ip_adapter = folder / "ip_adapter.safetensors"
         save_file({k: v.contiguous() for k, v in xlabs_ip_adapter_state_dict().items()}, ip_adapter)

@@ -105,7 +105,8 @@ def _scheduler():
     )
 
 
-def _image_encoder():
+def image_encoder():
+    """The tiny ``CLIPVisionModelWithProjection`` (random weights)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     config = CLIPVisionConfig(
@@ -121,24 +122,38 @@ def _image_encoder():
     return CLIPVisionModelWithProjection(config)
 
 
-def ip_adapter_plus_state_dict(unet, *, scale: float = 0.2) -> dict[str, torch.Tensor]:
+def ip_adapter_plus_state_dict(
+    unet,
+    *,
+    scale: float = 0.2,
+    ip_scale: float = 0.5,
+    clip_width: int = CLIP_WIDTH,
+    queries: int = NUM_QUERIES,
+    heads: int = RESAMPLER_HEADS,
+    depth: int = RESAMPLER_DEPTH,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
     """Random IP-Adapter-Plus weights in the h94 layout for ``unet``.
 
-    ``image_proj.*``: the resampler (CLIP width -> ``NUM_QUERIES`` tokens of the UNet's cross-attention
-    width), ``ip_adapter.{k}.to_{k,v}_ip.weight``: k = 1, 3, 5, ... over the cross-attention layers in
-    ``unet.attn_processors`` order (the original numbering counts self- and cross-attention layers alike).
+    ``image_proj.*``: the resampler (CLIP width -> ``queries`` tokens of the UNet's cross-attention
+    width; ``heads`` of 64 and ``depth`` layers, as diffusers reads them back), entries of standard
+    deviation ``scale``; ``ip_adapter.{k}.to_{k,v}_ip.weight``: k = 1, 3, 5, ... over the
+    cross-attention layers in ``unet.attn_processors`` order (the original numbering counts self- and
+    cross-attention layers alike), of standard deviation ``ip_scale``. The defaults are the tiny test
+    model's; ``benchmarks/gpu_realsize.py`` passes ip-adapter-plus_sdxl_vit-h's sizes. Tensors are made
+    on the default device, in ``dtype``.
     """
-    hidden, inner, out = CLIP_WIDTH, RESAMPLER_HEADS * 64, unet.config.cross_attention_dim
+    hidden, inner, out = clip_width, heads * 64, unet.config.cross_attention_dim
     shapes = {
-        "latents": (1, NUM_QUERIES, hidden),
-        "proj_in.weight": (hidden, CLIP_WIDTH),
+        "latents": (1, queries, hidden),
+        "proj_in.weight": (hidden, clip_width),
         "proj_in.bias": (hidden,),
         "proj_out.weight": (out, hidden),
         "proj_out.bias": (out,),
         "norm_out.weight": (out,),
         "norm_out.bias": (out,),
     }
-    for i in range(RESAMPLER_DEPTH):
+    for i in range(depth):
         shapes |= {
             f"layers.{i}.0.norm1.weight": (hidden,),
             f"layers.{i}.0.norm1.bias": (hidden,),
@@ -154,7 +169,7 @@ def ip_adapter_plus_state_dict(unet, *, scale: float = 0.2) -> dict[str, torch.T
         }
     state = {}
     for key, shape in shapes.items():
-        t = torch.randn(shape) * scale
+        t = torch.randn(shape, dtype=dtype) * scale
         if ("norm" in key and key.endswith("weight")) or key.endswith(".1.0.weight"):
             t = 1 + t  # LayerNorm gains near 1
         state[f"image_proj.{key}"] = t
@@ -164,9 +179,26 @@ def ip_adapter_plus_state_dict(unet, *, scale: float = 0.2) -> dict[str, torch.T
         attn = unet.get_submodule(name.removesuffix(".processor"))
         width = attn.to_k.out_features
         for proj in ("to_k_ip", "to_v_ip"):
-            # 0.5: strong enough that a 0.2-0.5 IP scale visibly changes a 2-step tiny image
-            state[f"ip_adapter.{2 * i + 1}.{proj}.weight"] = torch.randn(width, out) * 0.5
+            # the default 0.5: strong enough that a 0.2-0.5 IP scale visibly changes a 2-step tiny image
+            state[f"ip_adapter.{2 * i + 1}.{proj}.weight"] = torch.randn(width, out, dtype=dtype) * ip_scale
     return state
+
+
+def pipeline_parts() -> dict:
+    """The tiny ``StableDiffusionXLPipeline``'s components (random weights from torch's global
+    generator), by the pipeline's argument names: tokenizers, text encoders, UNet, VAE, scheduler."""
+    tokenizer = clip_tokenizer()
+    text_encoder, text_encoder_2 = _text_encoders(len(tokenizer))
+    unet = _unet()
+    return {
+        "vae": _vae(),
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": tokenizer,
+        "tokenizer_2": clip_tokenizer(),
+        "unet": unet,
+        "scheduler": _scheduler(),
+    }
 
 
 def make_tiny_sdxl(folder: str | Path, *, seed: int = 0) -> dict:
@@ -178,18 +210,9 @@ def make_tiny_sdxl(folder: str | Path, *, seed: int = 0) -> dict:
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    tokenizer = clip_tokenizer()
-    text_encoder, text_encoder_2 = _text_encoders(len(tokenizer))
-    unet = _unet()
-    pipe = StableDiffusionXLPipeline(
-        vae=_vae(),
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=clip_tokenizer(),
-        unet=unet,
-        scheduler=_scheduler(),
-    )
+    parts = pipeline_parts()
+    unet = parts["unet"]
+    pipe = StableDiffusionXLPipeline(**parts)
     paths = {
         "model": folder / "sdxl",
         "ip_adapter": folder / "ip-adapter-plus_tiny.safetensors",
@@ -198,6 +221,6 @@ def make_tiny_sdxl(folder: str | Path, *, seed: int = 0) -> dict:
     }
     pipe.save_pretrained(paths["model"])
     save_file(ip_adapter_plus_state_dict(unet), paths["ip_adapter"])
-    _image_encoder().save_pretrained(paths["image_encoder"])
+    image_encoder().save_pretrained(paths["image_encoder"])
     _unet().save_pretrained(paths["unet2"])
     return {name: str(path) for name, path in paths.items()} | {"token_shape": TOKEN_SHAPE}
