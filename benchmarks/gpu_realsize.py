@@ -382,10 +382,6 @@ def plan(pipeline: str, paper_steps: int, short: int, batches: tuple[int, ...], 
     return cells
 
 
-def denoiser(backend) -> torch.nn.Module:
-    return backend.pipe.unet if backend.family == "sdxl" else backend.pipe.transformer
-
-
 @contextlib.contextmanager
 def lever_applied(lever: str, backend, compile_backend: str) -> Iterator[None]:
     """The pipeline with ``lever`` on for the duration."""
@@ -411,8 +407,8 @@ def lever_applied(lever: str, backend, compile_backend: str) -> Iterator[None]:
         finally:
             pipe.vae.disable_tiling()
     elif lever == "compile":
-        module = denoiser(backend)
-        module.compile(backend=compile_backend)
+        module = backend.denoiser
+        backend.compile(backend=compile_backend)
         try:
             yield
         finally:
@@ -519,7 +515,7 @@ def run_pipeline(
     report: dict[str, Any] = {
         "build_s": time.perf_counter() - started,
         "parameters": {
-            "denoiser": parameters(denoiser(backend)),
+            "denoiser": parameters(backend.denoiser),
             "mllm": parameters(guidance.model),
             "aligner": parameters(aligner),
         },

@@ -169,6 +169,23 @@ def test_cli_generate_writes_the_folder_and_resumes(tiny, tmp_path):
     assert len(lines) == 3 and json.loads(lines[-1])["prompt"] == "a green star"
 
 
+def test_cli_generate_compiles_the_denoiser_on_request(tiny, tmp_path, monkeypatch):
+    """--compile hands the UNet (and nothing else) to torch.compile, in place, before generating;
+    torch.compile itself is replaced by a recorder (compiling on the CPU takes a C++ compiler and
+    minutes)."""
+    from diffusers import UNet2DConditionModel
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **kwargs: compiled.append(module))
+    result = runner.invoke(app, _cli_args(tiny, tmp_path / "plain", "--prompt", "a red circle"))
+    assert result.exit_code == 0, result.output
+    assert compiled == []
+    result = runner.invoke(app, _cli_args(tiny, tmp_path / "out", "--prompt", "a red circle", "--compile"))
+    assert result.exit_code == 0, result.output
+    assert len(compiled) == 1 and isinstance(compiled[0], UNet2DConditionModel)
+    assert (tmp_path / "out" / "metadata.jsonl").read_text().count("\n") == 1
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [

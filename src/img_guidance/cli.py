@@ -294,6 +294,14 @@ def generate(
     mllm_quantization: Annotated[
         str | None, typer.Option(help="Load the MLLM in 8bit or 4bit (needs bitsandbytes).")
     ] = None,
+    compile_denoiser: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile the UNet / transformer: the first batch compiles (minutes), later ones "
+            "may run faster.",
+        ),
+    ] = False,
 ) -> None:
     """Generate images with IMG: each prompt's initial image, calibrated image and a comparison.
 
@@ -337,6 +345,7 @@ def generate(
         dtype=dtype,
         offload=offload,
         mllm_quantization=mllm_quantization,
+        compile_denoiser=compile_denoiser,
     )
 
 
@@ -438,6 +447,7 @@ def generate_items(
     offload: str,
     mllm_quantization: str | None,
     processes: Processes | None = None,
+    compile_denoiser: bool = False,
 ) -> None:
     """What ``generate`` and ``eval run`` do with their prompt items (``PromptItem``: prompt, seed,
     category): check everything, load the pipeline, write the output folder (resumable).
@@ -535,6 +545,8 @@ def generate_items(
             offload=offload,
             mllm_quantization=mllm_quantization,
         )
+        if compile_denoiser:
+            pipe.backend.compile()
 
     # 4. Start the folder, generate into it (or a process's part folder), merge the parts
     try:

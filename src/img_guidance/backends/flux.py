@@ -278,6 +278,10 @@ class FluxBackend(DiffusionBackend):
         return projection.num_image_text_embeds, projection.norm.normalized_shape[0]
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    @property
     def device(self) -> torch.device:
         return self.pipe._execution_device
 

@@ -230,6 +230,10 @@ class SDXLBackend(DiffusionBackend):
         return (self.image_projection.latents.shape[1], self.image_projection.proj_out.out_features)
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    @property
     def device(self) -> torch.device:
         return self.pipe._execution_device
 

@@ -104,6 +104,10 @@ class ShapesBackend(DiffusionBackend):
         return self.pipe.token_shape
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    @property
     def device(self) -> torch.device:
         return self.pipe.device
 
