@@ -489,14 +489,13 @@ def run_cell(img, cell: Cell, side: int, device: torch.device, compile_backend: 
 
 def guidance_length(img) -> int:
     """Tokens the MLLM reads for the first prompt (system text, image tokens, question)."""
+    from PIL import Image
+
     from img_guidance.guidance.questions import choose_question, fill
 
     question = fill(choose_question(0, index=0, questions=img.questions), PROMPTS[0])
     texts = img.guidance.prompts([question])
-    from PIL import Image
-
-    image = Image.new("RGB", (64, 64))
-    return int(img.guidance.encode([image], texts)["input_ids"].shape[1])
+    return int(img.guidance.encode([Image.new("RGB", (64, 64))], texts)["input_ids"].shape[1])
 
 
 def run_pipeline(
